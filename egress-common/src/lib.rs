@@ -1,0 +1,245 @@
+//! Types shared between the eBPF programs and user space.
+//!
+//! Everything here is `#[repr(C)]`, built from `u32`/`u8` only and free of padding, so the
+//! kernel and user space agree on the layout byte for byte. Addresses are kept in network byte
+//! order exactly as the kernel hands them over; ports are kept in host byte order.
+#![no_std]
+
+/// Map names, shared so that user space cannot look up a map the kernel side renamed.
+pub mod maps {
+    /// cgroup id -> [`super::Sandbox`]. Only sockets whose cgroup is, or descends from, a key
+    /// here are acted on.
+    pub const SANDBOXES: &str = "SANDBOXES";
+    /// [`super::PortKey`] -> 1 for every TCP port that a sandbox redirects to its listener.
+    pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
+    /// LPM trie of [`super::Allow4`]: IPv4 CIDR:port pairs a sandbox may reach directly.
+    pub const ALLOW4: &str = "ALLOW4";
+    /// LPM trie of [`super::Allow6`]: IPv6 CIDR:port pairs a sandbox may reach directly.
+    pub const ALLOW6: &str = "ALLOW6";
+    /// socket cookie -> [`super::OrigDst`], written by connect4/6 before the rewrite.
+    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// [`super::SockKey`] -> [`super::OrigDst`], written by sockops once the 4-tuple exists.
+    pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// Ring buffer of [`super::Event`]s: connects and sends the kernel refused.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of `u64` counters indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Program names as they appear in the object file.
+pub mod programs {
+    pub const CONNECT4: &str = "egress_connect4";
+    pub const CONNECT6: &str = "egress_connect6";
+    pub const SENDMSG4: &str = "egress_sendmsg4";
+    pub const SENDMSG6: &str = "egress_sendmsg6";
+    pub const GETPEERNAME4: &str = "egress_getpeername4";
+    pub const GETPEERNAME6: &str = "egress_getpeername6";
+    pub const SOCKOPS: &str = "egress_sockops";
+    pub const SOCK_RELEASE: &str = "egress_sock_release";
+}
+
+/// How deep below the cgroup2 root the programs look for a registered sandbox.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
+
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+
+/// One registered sandbox, keyed by the cgroup id (the inode of its cgroup2 directory).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Identifier user space picked; echoed in [`OrigDst`] and [`Event`].
+    pub id: u32,
+    /// Proxy listener the sandbox's IPv4 connects are rewritten to (network byte order).
+    pub listen4_addr: u32,
+    /// Its port, host byte order.
+    pub listen4_port: u32,
+    /// Proxy listener for native IPv6 connects (network byte order words).
+    pub listen6_addr: [u32; 4],
+    /// Its port, host byte order.
+    pub listen6_port: u32,
+}
+
+/// Key of [`maps::INTERCEPT_PORTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortKey {
+    pub sandbox: u32,
+    pub port: u32,
+}
+
+/// Data part of an [`maps::ALLOW4`] key. The sandbox and port come first so that the LPM
+/// prefix covers them whole (64 bits) and then the CIDR bits of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allow4 {
+    /// Big-endian sandbox id.
+    pub sandbox: u32,
+    /// Big-endian port.
+    pub port: u32,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// Data part of an [`maps::ALLOW6`] key; see [`Allow4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allow6 {
+    pub sandbox: u32,
+    pub port: u32,
+    pub addr: [u32; 4],
+}
+
+/// Bits of an LPM key that cover the sandbox id and port.
+pub const ALLOW_FIXED_PREFIX: u32 = 64;
+
+/// Where a redirected socket was really going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order; an IPv4 destination is stored as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u32,
+    /// Family of the socket that connected (`AF_INET` or `AF_INET6`), so that getpeername
+    /// answers in the form the program used.
+    pub family: u32,
+    pub sandbox: u32,
+    /// Thread-group id (the process id user space sees) of the connecting task.
+    pub tgid: u32,
+    pub comm: [u8; 16],
+}
+
+/// A TCP connection's 4-tuple as sockops sees it from the client side, qualified by the
+/// network namespace so that identical loopback tuples in two isolated sandboxes stay apart.
+/// IPv4 addresses are stored v4-mapped so that one map serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// `bpf_get_netns_cookie` in the kernel, `SO_NETNS_COOKIE` of the listener in user space.
+    pub netns: u64,
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
+    /// Host byte order.
+    pub src_port: u32,
+    /// Host byte order.
+    pub dst_port: u32,
+}
+
+/// What an [`Event`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TCP connect to a port that is neither intercepted nor allowed.
+    DenyTcpConnect = 1,
+    /// A UDP connect or send to a port that is not allowed.
+    DenyUdp = 2,
+    /// A socket of another type or protocol (SCTP, ICMP, MPTCP...).
+    DenyProtocol = 3,
+    /// A socket in a sandbox subtree whose task is in no registered sandbox (for example a
+    /// socket handed to an outside process): refused, never guessed.
+    DenyNoSandbox = 4,
+    /// The original destination could not be recorded; the connect was still rewritten, so
+    /// the proxy refuses it for lack of an entry.
+    RecordFailed = 5,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::DenyTcpConnect,
+            2 => Self::DenyUdp,
+            3 => Self::DenyProtocol,
+            4 => Self::DenyNoSandbox,
+            5 => Self::RecordFailed,
+            _ => return None,
+        })
+    }
+}
+
+/// A kernel-side refusal, sent to user space through [`maps::EVENTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub kind: u32,
+    pub sandbox: u32,
+    pub tgid: u32,
+    pub family: u32,
+    pub protocol: u32,
+    /// Host byte order.
+    pub port: u32,
+    /// Network byte order, IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
+    pub comm: [u8; 16],
+}
+
+/// Indexes into [`maps::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Redirected = 0,
+    RecordFailed = 1,
+    Denied = 2,
+    EventsLost = 3,
+}
+
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// `::ffff:a.b.c.d` for an IPv4 address in network byte order.
+#[inline(always)]
+pub const fn v4_mapped(addr_be: u32) -> [u32; 4] {
+    [0, 0, 0xffff_u32.to_be(), addr_be]
+}
+
+/// Whether `addr` (network-order words) is `::ffff:a.b.c.d`.
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffff_u32.to_be()
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], made of u32/u8 fields only, with no padding, so every
+    // bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Sandbox {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Allow4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Allow6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        assert_eq!(size_of::<Sandbox>(), 9 * 4);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<Allow4>(), 12);
+        assert_eq!(size_of::<Allow6>(), 24);
+        assert_eq!(size_of::<OrigDst>(), 8 * 4 + 16);
+        assert_eq!(size_of::<SockKey>(), 48);
+        assert_eq!(size_of::<Event>(), 10 * 4 + 16);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let a = u32::from_be_bytes([10, 1, 2, 3]).to_be();
+        let m = v4_mapped(a);
+        assert!(is_v4_mapped(&m));
+        assert_eq!(m[3], a);
+        assert!(!is_v4_mapped(&[0, 0, 0, 1u32.to_be()]));
+    }
+}

@@ -1,0 +1,426 @@
+//! The kernel half of egress: cgroup socket hooks that send a sandbox's TCP connects to the
+//! proxy, remember where each one was going, and refuse every other way out.
+//!
+//! The programs are attached to each sandbox cgroup (they run for that cgroup and everything
+//! below it), so sockets of other cgroups, the proxy's own among them, never reach this code.
+//! Inside a sandbox the rule is fail closed: anything not understood is refused.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        },
+    },
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
+    EbpfContext as _,
+};
+use egress_common::{
+    is_v4_mapped, v4_mapped, Allow4, Allow6, Counter, Event, EventKind, OrigDst, PortKey, Sandbox,
+    SockKey, AF_INET, AF_INET6, ALLOW_FIXED_PREFIX, COUNTER_SLOTS, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_CGROUP_DEPTH,
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const DNS_PORT: u16 = 53;
+
+#[map(name = "SANDBOXES")]
+static SANDBOXES: HashMap<u64, Sandbox> = HashMap::with_max_entries(4096, 0);
+
+#[map(name = "INTERCEPT_PORTS")]
+static INTERCEPT_PORTS: HashMap<PortKey, u32> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "ALLOW4")]
+static ALLOW4: LpmTrie<Allow4, u32> = LpmTrie::with_max_entries(16384, 0);
+
+#[map(name = "ALLOW6")]
+static ALLOW6: LpmTrie<Allow6, u32> = LpmTrie::with_max_entries(16384, 0);
+
+// LRU, never a plain hash: a full plain hash makes inserts fail, and the entries of a busy
+// sandbox must age out rather than block new ones.
+#[map(name = "ORIG_BY_COOKIE")]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "ORIG_BY_TUPLE")]
+static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: a per-CPU slot is only touched by programs on this CPU, which do not
+        // preempt each other.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The deepest registered sandbox containing the current task's cgroup.
+///
+/// Programs run for the cgroup a socket was created in; that is the creating task's cgroup,
+/// and a sandboxed task cannot leave its cgroup. A socket handed to a task outside every
+/// sandbox finds nothing here and is refused.
+#[inline(always)]
+fn find_sandbox() -> Option<Sandbox> {
+    let mut found = None;
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call with a scalar argument.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: the value is copied out at once.
+        if let Some(sb) = unsafe { SANDBOXES.get(&id) } {
+            found = Some(*sb);
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn comm() -> [u8; 16] {
+    bpf_get_current_comm().unwrap_or([0; 16])
+}
+
+fn report(kind: EventKind, sandbox: u32, family: u32, protocol: u32, addr: [u32; 4], port: u16) {
+    count(Counter::Denied);
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(Event {
+                kind: kind as u32,
+                sandbox,
+                tgid: tgid(),
+                family,
+                protocol,
+                port: port as u32,
+                addr,
+                comm: comm(),
+            });
+            entry.submit(0);
+        }
+        None => count(Counter::EventsLost),
+    }
+}
+
+#[inline(always)]
+fn intercepted(sandbox: u32, port: u16) -> bool {
+    let key = PortKey {
+        sandbox,
+        port: port as u32,
+    };
+    // SAFETY: only presence is checked.
+    unsafe { INTERCEPT_PORTS.get(&key) }.is_some()
+}
+
+#[inline(always)]
+fn allowed4(sandbox: u32, addr: u32, port: u16) -> bool {
+    let key = Key::new(
+        ALLOW_FIXED_PREFIX + 32,
+        Allow4 {
+            sandbox: sandbox.to_be(),
+            port: (port as u32).to_be(),
+            addr,
+        },
+    );
+    ALLOW4.get(&key).is_some()
+}
+
+#[inline(always)]
+fn allowed6(sandbox: u32, addr: [u32; 4], port: u16) -> bool {
+    let key = Key::new(
+        ALLOW_FIXED_PREFIX + 128,
+        Allow6 {
+            sandbox: sandbox.to_be(),
+            port: (port as u32).to_be(),
+            addr,
+        },
+    );
+    ALLOW6.get(&key).is_some()
+}
+
+/// Saves where a socket was going, under its cookie. The caller rewrites regardless of the
+/// outcome: a rewritten connect without an entry is refused by the proxy, never sent direct.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], port: u16) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        addr,
+        port: port as u32,
+        family,
+        sandbox: sb.id,
+        tgid: tgid(),
+        comm: comm(),
+    };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        count(Counter::RecordFailed);
+        report(
+            EventKind::RecordFailed,
+            sb.id,
+            family,
+            IPPROTO_TCP,
+            addr,
+            port,
+        );
+    } else {
+        count(Counter::Redirected);
+    }
+}
+
+/// What to do with a connect or send whose destination is `addr:port`, given in v4-mapped
+/// or native IPv6 form. Returns the verdict, rewriting `sa` when the connect is redirected.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send: bool) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // glibc's source-address probe connects a UDP socket to port 0; nothing is sent.
+    if port == 0 {
+        return ALLOW;
+    }
+    let Some(sb) = find_sandbox() else {
+        report(EventKind::DenyNoSandbox, 0, family, 0, addr, port);
+        return DENY;
+    };
+    // SAFETY: reads of whole 32-bit context fields.
+    let (ty, proto) = unsafe { ((*sa).type_, (*sa).protocol) };
+    let mapped = is_v4_mapped(&addr);
+
+    if ty == SOCK_DGRAM && proto == IPPROTO_UDP {
+        // DNS passes for now; every other UDP destination (QUIC among them) is refused.
+        if port == DNS_PORT {
+            return ALLOW;
+        }
+        report(EventKind::DenyUdp, sb.id, family, proto, addr, port);
+        return DENY;
+    }
+    if ty != SOCK_STREAM || proto != IPPROTO_TCP || is_send {
+        report(EventKind::DenyProtocol, sb.id, family, proto, addr, port);
+        return DENY;
+    }
+
+    // Already aimed at the listener: pass untouched; the proxy refuses it for lack of an entry.
+    if mapped && addr[3] == sb.listen4_addr && port as u32 == sb.listen4_port {
+        return ALLOW;
+    }
+    if !mapped && addr == sb.listen6_addr && port as u32 == sb.listen6_port {
+        return ALLOW;
+    }
+
+    if intercepted(sb.id, port) {
+        record(ctx, &sb, family, addr, port);
+        // SAFETY: whole-field writes to the context, which the verifier allows for connect.
+        unsafe {
+            if family == AF_INET {
+                (*sa).user_ip4 = sb.listen4_addr;
+                (*sa).user_port = ((sb.listen4_port as u16).to_be()) as u32;
+            } else if mapped {
+                let l = v4_mapped(sb.listen4_addr);
+                (*sa).user_ip6[0] = l[0];
+                (*sa).user_ip6[1] = l[1];
+                (*sa).user_ip6[2] = l[2];
+                (*sa).user_ip6[3] = l[3];
+                (*sa).user_port = ((sb.listen4_port as u16).to_be()) as u32;
+            } else {
+                (*sa).user_ip6[0] = sb.listen6_addr[0];
+                (*sa).user_ip6[1] = sb.listen6_addr[1];
+                (*sa).user_ip6[2] = sb.listen6_addr[2];
+                (*sa).user_ip6[3] = sb.listen6_addr[3];
+                (*sa).user_port = ((sb.listen6_port as u16).to_be()) as u32;
+            }
+        }
+        return ALLOW;
+    }
+
+    let ok = if mapped {
+        allowed4(sb.id, addr[3], port)
+    } else {
+        allowed6(sb.id, addr, port)
+    };
+    if ok {
+        return ALLOW;
+    }
+    report(EventKind::DenyTcpConnect, sb.id, family, proto, addr, port);
+    DENY
+}
+
+#[inline(always)]
+fn dest4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
+    // SAFETY: whole 32-bit field reads, as the verifier requires.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    (v4_mapped(ip), u16::from_be(port as u16))
+}
+
+#[inline(always)]
+fn dest6(ctx: &SockAddrContext) -> ([u32; 4], u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: element-by-element 32-bit volatile reads of user_ip6, as the verifier requires.
+    unsafe {
+        (
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ],
+            u16::from_be((*sa).user_port as u16),
+        )
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = dest4(&ctx);
+    decide(&ctx, AF_INET, addr, port, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = dest6(&ctx);
+    decide(&ctx, AF_INET6, addr, port, false)
+}
+
+/// Unconnected sends (`sendto`/`sendmsg` with an address): UDP only reaches here.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = dest4(&ctx);
+    decide(&ctx, AF_INET, addr, port, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = dest6(&ctx);
+    decide(&ctx, AF_INET6, addr, port, true)
+}
+
+/// A redirected socket reports the peer it asked for, not the proxy.
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        let (ip, port) = (orig.addr[3], orig.port);
+        // SAFETY: whole-field writes, allowed for getpeername.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = ip;
+            (*ctx.sock_addr).user_port = ((port as u16).to_be()) as u32;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+        let (a, port) = (orig.addr, orig.port);
+        let sa = ctx.sock_addr;
+        // SAFETY: whole-field writes, allowed for getpeername.
+        unsafe {
+            (*sa).user_ip6[0] = a[0];
+            (*sa).user_ip6[1] = a[1];
+            (*sa).user_ip6[2] = a[2];
+            (*sa).user_ip6[3] = a[3];
+            (*sa).user_port = ((port as u16).to_be()) as u32;
+        }
+    }
+    ALLOW
+}
+
+/// Re-keys a redirected connection by its 4-tuple once the kernel has picked the source
+/// port, so that the proxy can find it from `accept`'s peer and local addresses.
+#[sock_ops]
+pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        return 1;
+    };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = if ctx.family() == AF_INET {
+        SockKey {
+            netns,
+            src_addr: v4_mapped(ctx.local_ip4()),
+            dst_addr: v4_mapped(ctx.remote_ip4()),
+            src_port: ctx.local_port(),
+            dst_port: u32::from_be(ctx.remote_port()),
+        }
+    } else {
+        let ops = ctx.ops;
+        // SAFETY: element-by-element 32-bit volatile reads: the verifier rejects the 64-bit
+        // loads a plain array copy compiles to.
+        let (src, dst) = unsafe {
+            (
+                [
+                    read_volatile(&(*ops).local_ip6[0]),
+                    read_volatile(&(*ops).local_ip6[1]),
+                    read_volatile(&(*ops).local_ip6[2]),
+                    read_volatile(&(*ops).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&(*ops).remote_ip6[0]),
+                    read_volatile(&(*ops).remote_ip6[1]),
+                    read_volatile(&(*ops).remote_ip6[2]),
+                    read_volatile(&(*ops).remote_ip6[3]),
+                ],
+            )
+        };
+        SockKey {
+            netns,
+            src_addr: src,
+            dst_addr: dst,
+            src_port: ctx.local_port(),
+            dst_port: u32::from_be(ctx.remote_port()),
+        }
+    };
+    if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+        count(Counter::RecordFailed);
+    }
+    1
+}
+
+/// The cookie entry lives until the socket is released, since getpeername needs it.
+#[cgroup_sock(sock_release)]
+pub fn egress_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

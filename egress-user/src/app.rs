@@ -1,0 +1,222 @@
+//! Wiring: everything `egress run` sets up, in order, and takes down in reverse.
+//!
+//! [`build`] returns a [`Bound`] holding the real listener addresses, so tests can bind port
+//! 0 and read back what was chosen.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    addr::ListenAddr,
+    bpf::{self, Kernel, Registration, SandboxSpec},
+    caps,
+    cgroup::{self, SandboxCgroup},
+    cli::RunConfig,
+    events, gc,
+    netns::{self, NetNs},
+    proxy::{self, Listener, Stats},
+    sandbox,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Caps(#[from] caps::Missing),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    #[error(transparent)]
+    Bpf(#[from] bpf::Error),
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error("binding the proxy listener on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::Error),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        use crate::exit::*;
+        match self {
+            Error::Caps(_) => NOPERM,
+            Error::Cgroup(cgroup::Error::NoMount { .. }) => UNAVAILABLE,
+            Error::Bpf(bpf::Error::Load(_)) | Error::Bpf(bpf::Error::NotEmbedded) => UNAVAILABLE,
+            Error::Sandbox(e) => e.exit_code(),
+            _ => SOFTWARE,
+        }
+    }
+}
+
+/// Sandbox id used by `egress run`, which has exactly one.
+const RUN_SANDBOX_ID: u32 = 1;
+
+/// A ready sandbox: cgroup, programs attached, proxy serving.
+pub struct Bound {
+    pub listen4: ListenAddr,
+    pub listen6: ListenAddr,
+    pub pin_dir: PathBuf,
+    pub stats: Arc<Stats>,
+    cgroup: Option<SandboxCgroup>,
+    netns: Option<NetNs>,
+    kernel: Kernel,
+    registration: Option<Registration>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
+    caps::require(caps::RUN_NEEDS)?;
+    let cg_root = cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))?;
+    let bpffs = bpf::bpffs()?;
+    gc::collect(&cg_root, &bpffs);
+
+    let name = gc::run_name(std::process::id());
+    let pin_dir = bpffs.join("egress").join(&name);
+    let cgroup = SandboxCgroup::create(&cg_root, &name)?;
+    let netns = if cfg.isolate_net {
+        Some(NetNs::create_isolated()?)
+    } else {
+        None
+    };
+    let (l4, l6) = match &netns {
+        Some(ns) => ns.run(bind_listeners)??,
+        None => bind_listeners()?,
+    };
+    let (listen4, listen6) = (l4.addr(), l6.as_ref().map(Listener::addr));
+
+    let (mut kernel, table, ring) = Kernel::load(&pin_dir)?;
+    let table = Arc::new(table);
+    let stats = Arc::new(Stats::default());
+    let mut tasks = vec![tokio::spawn(log_exit("kernel events", events::run(ring)))];
+    for l in std::iter::once(l4).chain(l6) {
+        tasks.push(tokio::spawn(log_exit(
+            "proxy listener",
+            proxy::serve(l, table.clone(), stats.clone()),
+        )));
+    }
+
+    let v4 = |a: ListenAddr| match a.0 {
+        SocketAddr::V4(v) => v,
+        SocketAddr::V6(_) => SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+    };
+    // Without IPv6 on loopback, native IPv6 connects are rewritten to port 0 and fail.
+    let listen6 = listen6.unwrap_or(ListenAddr(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))));
+    let v6 = match listen6.0 {
+        SocketAddr::V6(v) => v,
+        SocketAddr::V4(_) => SocketAddrV6::new(Ipv6Addr::LOCALHOST, 0, 0, 0),
+    };
+    let spec = SandboxSpec {
+        id: RUN_SANDBOX_ID,
+        listen4: v4(listen4),
+        listen6: v6,
+        intercept_ports: cfg.intercept_ports.clone(),
+        allow_tcp: cfg.allow_tcp.clone(),
+    };
+    let registration =
+        kernel.register(cgroup.path(), cgroup.id(), &spec, &pin_dir.join("sandbox"))?;
+    info!(
+        cgroup = %cgroup.path().display(),
+        pin_dir = %pin_dir.display(),
+        %listen4,
+        %listen6,
+        isolate_net = cfg.isolate_net,
+        intercept_ports = ?cfg.intercept_ports,
+        allow_tcp = ?cfg.allow_tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "sandbox ready"
+    );
+    Ok(Bound {
+        listen4,
+        listen6,
+        pin_dir,
+        stats,
+        cgroup: Some(cgroup),
+        netns,
+        kernel,
+        registration: Some(registration),
+        tasks,
+    })
+}
+
+/// Binds 127.0.0.1:0 and, where loopback has IPv6, [::1]:0, in the calling thread's netns.
+fn bind_listeners() -> Result<(Listener, Option<Listener>), Error> {
+    let bind = |addr: SocketAddr| {
+        std::net::TcpListener::bind(addr)
+            .and_then(Listener::new)
+            .map_err(|source| Error::Listen { addr, source })
+    };
+    let l4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let l6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "no IPv6 loopback; IPv6 connects will fail");
+            None
+        }
+    };
+    Ok((l4, l6))
+}
+
+async fn log_exit(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>>) {
+    if let Err(e) = f.await {
+        tracing::error!(error = %e, "{what} stopped");
+    }
+}
+
+impl Bound {
+    pub fn cgroup(&self) -> &SandboxCgroup {
+        self.cgroup
+            .as_ref()
+            .expect("cgroup is present until shutdown")
+    }
+
+    pub fn netns(&self) -> Option<&NetNs> {
+        self.netns.as_ref()
+    }
+
+    /// Kills what is left in the sandbox, then removes programs, pins and listeners. In that
+    /// order: no process outlives the programs that confine it.
+    pub fn shutdown(mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.destroy() {
+                tracing::error!(error = %crate::error_chain(&e), "removing the sandbox cgroup failed");
+            }
+        }
+        let redirected = self.kernel.counter(egress_common::Counter::Redirected);
+        let record_failed = self.kernel.counter(egress_common::Counter::RecordFailed);
+        let denied = self.kernel.counter(egress_common::Counter::Denied);
+        if let Some(reg) = self.registration.take() {
+            self.kernel.unregister(reg);
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        bpf::remove_pin_dir(&self.pin_dir);
+        info!(redirected, record_failed, denied, "sandbox removed");
+    }
+}
+
+/// `egress run`: build the sandbox, run the command in it, tear it down.
+pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
+    let bound = build(&cfg).await?;
+    let status = sandbox::run(&cfg.command, bound.cgroup(), bound.netns(), &cfg.user, &[]).await;
+    bound.shutdown();
+    let status = status?;
+    info!(status = %status, "command exited");
+    Ok(sandbox::exit_code(status))
+}
+
+/// `egress gc`.
+pub fn gc() -> Result<Vec<String>, Error> {
+    caps::require(caps::RUN_NEEDS)?;
+    let cg_root = cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))?;
+    let bpffs = bpf::bpffs()?;
+    Ok(gc::collect(&cg_root, &bpffs))
+}

@@ -1,0 +1,40 @@
+//! egress: a transparent, eBPF-captured egress proxy for sandboxes.
+//!
+//! Reading order for the data path: `main.rs` (CLI) → [`app`] (wiring) → [`proxy`].
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod app;
+pub mod bpf;
+pub mod caps;
+pub mod cgroup;
+pub mod cli;
+pub mod events;
+pub mod gc;
+pub mod netns;
+pub mod policy;
+pub mod proxy;
+pub mod sandbox;
+
+/// An error and its sources on one line: `outer: inner: root cause`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Exit codes from sysexits(3), so that scripts can tell a typo from a broken host.
+pub mod exit {
+    pub const USAGE: u8 = 64;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
+    pub const NOPERM: u8 = 77;
+}

@@ -1,0 +1,245 @@
+//! Orchestration: install the BPF toolchain, build the eBPF object into `egress`, run it,
+//! and run every check CI runs.
+#![forbid(unsafe_code)]
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test egress")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: nightly rust-src, LLVM 22, bpf-linker. Idempotent.
+    Setup,
+    /// Build the eBPF object and the `egress` binary that embeds it.
+    Build {
+        /// Build user space in debug mode (the eBPF object is always release).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, then run `egress` with the given arguments (as root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// setup, fmt, clippy -D warnings, unit tests, then the privileged end-to-end tests.
+    Test {
+        /// Extra arguments for the privileged test binary (a test name filter, for example).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+/// Tools the privileged tests drive as real clients.
+const TEST_PACKAGES: &[&str] = &["curl", "iproute2", "util-linux", "python3"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build { debug } => build(!debug).map(|_| ()),
+        Cmd::Run { args } => {
+            let bin = build(true)?;
+            let status = Command::new(bin).args(args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test { args } => test(args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    // Nightly rust-src, for -Z build-std=core.
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()?;
+    let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .chain(TEST_PACKAGES)
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !have_linker {
+        // Against Debian's LLVM 22, not the system's default LLVM (which fails with
+        // `unable to find library -lLLVM`).
+        let path = format!("{LLVM_PREFIX}/bin:{}", env::var("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))?;
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+/// Path of the compiled eBPF object.
+fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/bpfel-unknown-none/release/egress")
+}
+
+fn build_ebpf() -> Result<PathBuf> {
+    run(Command::new("cargo")
+        .args(["+nightly", "build", "-p", "egress-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        // Outer cargo/rustup settings would otherwise pin the stable toolchain.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER"))?;
+    let obj = ebpf_object();
+    if !obj.is_file() {
+        bail!("the eBPF build did not produce {}", obj.display());
+    }
+    Ok(obj)
+}
+
+/// Builds everything; returns the `egress` binary.
+fn build(release: bool) -> Result<PathBuf> {
+    let obj = build_ebpf()?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "-p", "egress-user", "-p", "egress-tests", "--bins"])
+        .env("EGRESS_BPF_OBJECT", &obj);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root().join("target").join(profile).join("egress"))
+}
+
+fn test(args: Vec<OsString>) -> Result<()> {
+    setup()?;
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    let obj = build_ebpf()?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--exclude",
+            "egress-ebpf",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("EGRESS_BPF_OBJECT", &obj))?;
+    run(Command::new("cargo")
+        .args(["+nightly", "clippy", "-p", "egress-ebpf", "--release"])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN"))?;
+    // Unit tests of every default member (no root needed).
+    run(Command::new("cargo")
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "egress-ebpf",
+            "--exclude",
+            "egress-tests",
+        ])
+        .env("EGRESS_BPF_OBJECT", &obj))?;
+
+    if env::var_os("EGRESS_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
+        eprintln!();
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        eprintln!(
+            "!! EGRESS_SKIP_PRIVILEGED=1: the privileged end-to-end tests were NOT run.   !!"
+        );
+        eprintln!(
+            "!! Nothing has been checked against the kernel. Do not treat this as green.  !!"
+        );
+        eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+        return Ok(());
+    }
+    let bin = build(true)?;
+    let mut cmd = Command::new("cargo");
+    cmd.args(["test", "--release", "-p", "egress-tests"])
+        .env("EGRESS_BPF_OBJECT", &obj)
+        .env("EGRESS_BIN", &bin);
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    run(&mut cmd)
+}
