@@ -10,6 +10,7 @@ use std::{
 };
 
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::{
@@ -57,6 +58,9 @@ impl Error {
     }
 }
 
+/// How long shutdown waits for connections that are still being relayed.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Sandbox id used by `egress run`, which has exactly one.
 const RUN_SANDBOX_ID: u32 = 1;
 
@@ -71,6 +75,7 @@ pub struct Bound {
     kernel: Kernel,
     registration: Option<Registration>,
     tasks: Vec<JoinHandle<()>>,
+    conns: TaskTracker,
 }
 
 pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
@@ -96,11 +101,12 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     let (mut kernel, table, ring) = Kernel::load(&pin_dir)?;
     let table = Arc::new(table);
     let stats = Arc::new(Stats::default());
+    let conns = TaskTracker::new();
     let mut tasks = vec![tokio::spawn(log_exit("kernel events", events::run(ring)))];
     for l in std::iter::once(l4).chain(l6) {
         tasks.push(tokio::spawn(log_exit(
             "proxy listener",
-            proxy::serve(l, table.clone(), stats.clone()),
+            proxy::serve(l, table.clone(), stats.clone(), conns.clone()),
         )));
     }
 
@@ -143,6 +149,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         kernel,
         registration: Some(registration),
         tasks,
+        conns,
     })
 }
 
@@ -182,12 +189,26 @@ impl Bound {
     }
 
     /// Kills what is left in the sandbox, then removes programs, pins and listeners. In that
-    /// order: no process outlives the programs that confine it.
-    pub fn shutdown(mut self) {
+    /// order: no process outlives the programs that confine it. Connections still being
+    /// relayed get [`DRAIN_TIMEOUT`] to finish so their log lines are written.
+    pub async fn shutdown(mut self) {
         if let Some(cg) = self.cgroup.take() {
             if let Err(e) = cg.destroy() {
                 tracing::error!(error = %crate::error_chain(&e), "removing the sandbox cgroup failed");
             }
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.conns.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.conns.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = self.conns.len(),
+                "connections still open after the drain timeout; cut off"
+            );
         }
         let redirected = self.kernel.counter(egress_common::Counter::Redirected);
         let record_failed = self.kernel.counter(egress_common::Counter::RecordFailed);
@@ -195,10 +216,10 @@ impl Bound {
         if let Some(reg) = self.registration.take() {
             self.kernel.unregister(reg);
         }
-        for t in &self.tasks {
-            t.abort();
-        }
         bpf::remove_pin_dir(&self.pin_dir);
+        if let Some(parent) = self.pin_dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
         info!(redirected, record_failed, denied, "sandbox removed");
     }
 }
@@ -207,7 +228,7 @@ impl Bound {
 pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
     let bound = build(&cfg).await?;
     let status = sandbox::run(&cfg.command, bound.cgroup(), bound.netns(), &cfg.user, &[]).await;
-    bound.shutdown();
+    bound.shutdown().await;
     let status = status?;
     info!(status = %status, "command exited");
     Ok(sandbox::exit_code(status))

@@ -105,23 +105,34 @@ impl SandboxCgroup {
     /// Creates `<root>/egress/<name>`.
     pub fn create(root: &Path, name: &str) -> Result<Self, Error> {
         let parent = root.join(EGRESS_DIR);
-        match fs::create_dir(&parent) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    what: "create",
-                    path: parent,
-                    source,
-                });
+        let path = parent.join(name);
+        // The last run out removes the shared parent; if that races with this create, the
+        // child's mkdir sees ENOENT and the parent is made again.
+        let mut attempts = 0;
+        loop {
+            match fs::create_dir(&parent) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: "create",
+                        path: parent,
+                        source,
+                    })
+                }
+            }
+            match fs::create_dir(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 10 => attempts += 1,
+                Err(source) => {
+                    return Err(Error::Io {
+                        what: "create",
+                        path,
+                        source,
+                    })
+                }
             }
         }
-        let path = parent.join(name);
-        fs::create_dir(&path).map_err(|source| Error::Io {
-            what: "create",
-            path: path.clone(),
-            source,
-        })?;
         let id = cgroup_id(&path)?;
         Ok(Self {
             path,
@@ -211,7 +222,12 @@ pub fn kill_and_remove(path: &Path) -> Result<(), Error> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    remove_tree(path)
+    remove_tree(path)?;
+    // Leave no empty `egress` parent behind; fails harmlessly while other runs use it.
+    if let Some(parent) = path.parent().filter(|p| p.ends_with(EGRESS_DIR)) {
+        let _ = fs::remove_dir(parent);
+    }
+    Ok(())
 }
 
 fn populated(path: &Path) -> Result<bool, Error> {

@@ -59,6 +59,9 @@ pub fn collect(cgroup_root: &Path, bpffs: &Path) -> Vec<String> {
             }
         }
     }
+    // Empty parents are removed too; non-empty ones (live runs) stay.
+    let _ = fs::remove_dir(&cg_dir);
+    let _ = fs::remove_dir(&pin_dir);
     for name in &removed {
         tracing::info!(run = %name, "gc: removed state of a dead run");
     }

@@ -10,6 +10,7 @@ pub mod relay;
 use std::{sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument as _};
 
 use crate::{
@@ -58,10 +59,14 @@ pub struct Stats {
 }
 
 /// Accepts connections until the task is dropped.
+///
+/// Connection tasks go on `conns`, so that shutdown can let them finish (and write their log
+/// lines) instead of cutting them off.
 pub async fn serve(
     listener: Listener,
     table: Arc<OrigDstTable>,
     stats: Arc<Stats>,
+    conns: TaskTracker,
 ) -> std::io::Result<()> {
     let Listener {
         inner,
@@ -110,7 +115,7 @@ pub async fn serve(
             sandbox = meta.sandbox,
             orig_dst = %meta.orig_dst,
         );
-        tokio::spawn(handle(stream, meta).instrument(span));
+        conns.spawn(handle(stream, meta).instrument(span));
     }
 }
 

@@ -1,0 +1,232 @@
+//! A small Rust client run inside sandboxes by the end-to-end tests. It prints one JSON
+//! object per operation on stdout so the tests can check what the sandboxed side saw.
+//!
+//! Usage: egress-testclient [--wait FILE] OP ADDR [ARGS]
+//!   --wait FILE   wait until FILE exists first; an ADDR of `@` is read from FILE
+//!   OP is one of: connect, nonblock, fastopen, connect-err, udp, loop N, escape CGROUP_PROCS
+#![allow(unsafe_code)]
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd},
+    time::{Duration, Instant},
+};
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut wait = None;
+    if args.first().map(String::as_str) == Some("--wait") {
+        wait = Some(args[1].clone());
+        args.drain(..2);
+    }
+    if let Some(f) = &wait {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::path::Path::new(f).exists() {
+            assert!(Instant::now() < deadline, "timed out waiting for {f}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let op = args.first().cloned().unwrap_or_default();
+    let addr_arg = args.get(1).cloned().unwrap_or_default();
+    let addr_text = if addr_arg == "@" {
+        std::fs::read_to_string(wait.as_ref().expect("@ needs --wait"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    } else {
+        addr_arg
+    };
+    let pid = std::process::id();
+    let out = match op.as_str() {
+        "connect" => request(connect_blocking(&addr_text)),
+        "nonblock" => request(connect_nonblocking(&addr_text)),
+        "fastopen" => fastopen(&addr_text),
+        "connect-err" => match connect_blocking(&addr_text) {
+            Ok(_) => serde_json::json!({"ok": true}),
+            Err(e) => serde_json::json!({"errno": e.raw_os_error()}),
+        },
+        "udp" => udp(&addr_text),
+        "loop" => {
+            let n: usize = args[2].parse().unwrap();
+            let mut ok = 0;
+            for _ in 0..n {
+                let v = request(connect_blocking(&addr_text));
+                if v.get("response")
+                    .and_then(|r| r.as_str())
+                    .is_some_and(|r| r.contains("200 OK"))
+                {
+                    ok += 1;
+                }
+            }
+            serde_json::json!({"ok": ok})
+        }
+        "escape" => match std::fs::write(&addr_text, pid.to_string()) {
+            Ok(()) => serde_json::json!({"escaped": true}),
+            Err(e) => serde_json::json!({"escaped": false, "errno": e.raw_os_error()}),
+        },
+        other => panic!("unknown op {other:?}"),
+    };
+    let mut out = out;
+    out["pid"] = pid.into();
+    println!("{out}");
+    std::io::stdout().flush().unwrap();
+    // Optionally linger so that the test can inspect the live sandbox.
+    if let Some(f) = args
+        .iter()
+        .position(|a| a == "--linger")
+        .and_then(|i| args.get(i + 1))
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::path::Path::new(f).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn parse(a: &str) -> SocketAddr {
+    a.parse()
+        .unwrap_or_else(|e| panic!("bad address {a:?}: {e}"))
+}
+
+fn connect_blocking(a: &str) -> std::io::Result<TcpStream> {
+    TcpStream::connect_timeout(&parse(a), Duration::from_secs(5))
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; zero is valid.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as _,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as _,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn raw_socket(a: SocketAddr, ty: libc::c_int) -> i32 {
+    let fam = if a.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(fam, ty | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    fd
+}
+
+/// connect(2) on a non-blocking socket, then poll for completion.
+fn connect_nonblocking(a: &str) -> std::io::Result<TcpStream> {
+    let a = parse(a);
+    let fd = raw_socket(a, libc::SOCK_STREAM | libc::SOCK_NONBLOCK);
+    // SAFETY: fd is a fresh socket we own.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (ss, len) = sockaddr(a);
+    // SAFETY: ss/len describe a valid sockaddr.
+    let r = unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, 5000) };
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// TCP fast open: the connect happens inside sendto(MSG_FASTOPEN) with the request as data.
+fn fastopen(a: &str) -> serde_json::Value {
+    let addr = parse(a);
+    let fd = raw_socket(addr, libc::SOCK_STREAM);
+    // SAFETY: fd is a fresh socket we own.
+    let mut stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (ss, len) = sockaddr(addr);
+    let req = b"GET / HTTP/1.0\r\n\r\n";
+    // SAFETY: valid buffer and sockaddr.
+    let r = unsafe {
+        libc::sendto(
+            fd,
+            req.as_ptr().cast(),
+            req.len(),
+            libc::MSG_FASTOPEN,
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        return serde_json::json!({"errno": std::io::Error::last_os_error().raw_os_error()});
+    }
+    let mut resp = String::new();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.read_to_string(&mut resp);
+    serde_json::json!({"response": resp, "peer": stream.peer_addr().map(|p| p.to_string()).unwrap_or_default()})
+}
+
+fn request(s: std::io::Result<TcpStream>) -> serde_json::Value {
+    let mut s = match s {
+        Ok(s) => s,
+        Err(e) => return serde_json::json!({"errno": e.raw_os_error(), "error": e.to_string()}),
+    };
+    let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let local = s.local_addr().map(|p| p.to_string()).unwrap_or_default();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut resp = String::new();
+    let read = s.read_to_string(&mut resp);
+    serde_json::json!({
+        "peer": peer,
+        "local": local,
+        "response": resp,
+        "read_error": read.err().map(|e| e.to_string()),
+        "fd": s.as_raw_fd(),
+    })
+}
+
+fn udp(a: &str) -> serde_json::Value {
+    let addr = parse(a);
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = UdpSocket::bind(bind).unwrap();
+    match s.send_to(b"ping", addr) {
+        Ok(_) => serde_json::json!({"sent": true}),
+        Err(e) => serde_json::json!({"sent": false, "errno": e.raw_os_error()}),
+    }
+}
