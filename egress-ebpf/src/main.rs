@@ -85,7 +85,7 @@ fn find_sandbox() -> Option<Sandbox> {
             break;
         }
         // SAFETY: the value is copied out at once.
-        if let Some(sb) = unsafe { SANDBOXES.get(&id) } {
+        if let Some(sb) = unsafe { SANDBOXES.get(id) } {
             found = Some(*sb);
         }
         level += 1;
@@ -130,7 +130,7 @@ fn intercepted(sandbox: u32, port: u16) -> bool {
         port: port as u32,
     };
     // SAFETY: only presence is checked.
-    unsafe { INTERCEPT_PORTS.get(&key) }.is_some()
+    unsafe { INTERCEPT_PORTS.get(key) }.is_some()
 }
 
 #[inline(always)]
@@ -173,7 +173,7 @@ fn record(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], port
         tgid: tgid(),
         comm: comm(),
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         count(Counter::RecordFailed);
         report(
             EventKind::RecordFailed,
@@ -318,7 +318,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
         let (ip, port) = (orig.addr[3], orig.port);
         // SAFETY: whole-field writes, allowed for getpeername.
         unsafe {
@@ -334,7 +334,7 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
         let (a, port) = (orig.addr, orig.port);
         let sa = ctx.sock_addr;
         // SAFETY: whole-field writes, allowed for getpeername.
@@ -359,7 +359,7 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return 1;
     };
     // SAFETY: the context pointer is valid for the whole program run.
@@ -400,7 +400,7 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
             dst_port: u32::from_be(ctx.remote_port()),
         }
     };
-    if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
+    if ORIG_BY_TUPLE.insert(key, orig, 0).is_err() {
         count(Counter::RecordFailed);
     }
     1
@@ -411,7 +411,7 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
 pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let _ = ORIG_BY_COOKIE.remove(cookie);
     ALLOW
 }
 

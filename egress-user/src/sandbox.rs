@@ -126,7 +126,7 @@ pub async fn run(
 async fn futures_select(streams: &mut [(SignalKind, tokio::signal::unix::Signal)]) -> SignalKind {
     std::future::poll_fn(|cx| {
         for (kind, s) in streams.iter_mut() {
-            if let std::task::Poll::Ready(_) = s.poll_recv(cx) {
+            if s.poll_recv(cx).is_ready() {
                 return std::task::Poll::Ready(*kind);
             }
         }
