@@ -225,7 +225,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<Sandbox>(), 9 * 4);
+        assert_eq!(size_of::<Sandbox>(), 8 * 4);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<Allow4>(), 12);
         assert_eq!(size_of::<Allow6>(), 24);

@@ -18,12 +18,25 @@ use crate::{
     bpf::{self, Kernel, Registration, SandboxSpec},
     caps,
     cgroup::{self, SandboxCgroup},
-    cli::RunConfig,
+    cli::{RunConfig, TlsConfig},
     events, gc,
     netns::{self, NetNs},
-    proxy::{self, Listener, Stats},
-    sandbox,
+    proxy::{self, upstream::Pool, Ctx, Listener, Stats},
+    sandbox, tls,
 };
+
+/// Leaf certificates kept; each new host beyond this evicts an old one.
+const LEAF_CACHE_CAPACITY: usize = 16_384;
+
+/// Environment variables that point common clients at the trust bundle.
+const CA_ENV_VARS: &[&str] = &[
+    "SSL_CERT_FILE",
+    "CURL_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "PIP_CERT",
+    "GIT_SSL_CAINFO",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,6 +56,19 @@ pub enum Error {
     },
     #[error(transparent)]
     Sandbox(#[from] sandbox::Error),
+    #[error(transparent)]
+    Ca(#[from] tls::ca::Error),
+    #[error(transparent)]
+    Mint(#[from] tls::mint::MintError),
+    #[error(transparent)]
+    UpstreamTls(#[from] tls::upstream::Error),
+    #[error("cannot {what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -53,6 +79,8 @@ impl Error {
             Error::Cgroup(cgroup::Error::NoMount { .. }) => UNAVAILABLE,
             Error::Bpf(bpf::Error::Load(_)) | Error::Bpf(bpf::Error::NotEmbedded) => UNAVAILABLE,
             Error::Sandbox(e) => e.exit_code(),
+            // A CA or trust file the operator named that cannot be used is a usage error.
+            Error::Ca(_) | Error::UpstreamTls(_) => USAGE,
             _ => SOFTWARE,
         }
     }
@@ -70,6 +98,9 @@ pub struct Bound {
     pub listen6: ListenAddr,
     pub pin_dir: PathBuf,
     pub stats: Arc<Stats>,
+    /// Environment for the sandboxed command (the CA trust bundle variables).
+    pub env: Vec<(String, String)>,
+    run_dir: PathBuf,
     cgroup: Option<SandboxCgroup>,
     netns: Option<NetNs>,
     kernel: Kernel,
@@ -86,6 +117,43 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
 
     let name = gc::run_name(std::process::id());
     let pin_dir = bpffs.join("egress").join(&name);
+
+    tls::install_crypto_provider();
+    let ca = Arc::new(load_ca(&cfg.tls)?);
+    let leaves = Arc::new(tls::mint::LeafCache::new(ca.clone(), LEAF_CACHE_CAPACITY)?);
+    let upstream = tls::upstream::client_config(
+        cfg.tls.upstream_trust_dir.as_deref(),
+        &cfg.tls.upstream_cas,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    )?;
+    let mut h1_only = (*upstream).clone();
+    h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let ctx = Arc::new(Ctx {
+        policy: Arc::new(cfg.policy.clone()),
+        leaves,
+        pool: Pool::new(upstream, Arc::new(h1_only)),
+    });
+
+    // Per-run files the sandbox user must read: world-readable, removed at shutdown.
+    let run_dir = std::env::temp_dir().join(format!("egress-{name}"));
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Io { what, path, source }
+    };
+    std::fs::create_dir_all(&run_dir).map_err(io("create", &run_dir))?;
+    std::fs::set_permissions(
+        &run_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .map_err(io("chmod", &run_dir))?;
+    let mut env = Vec::new();
+    if cfg.tls.ca_env {
+        let bundle = run_dir.join("ca-bundle.pem");
+        ca.write_trust_bundle(&bundle)?;
+        let b = bundle.display().to_string();
+        env.extend(CA_ENV_VARS.iter().map(|k| (k.to_string(), b.clone())));
+    }
+
     let cgroup = SandboxCgroup::create(&cg_root, &name)?;
     let netns = if cfg.isolate_net {
         Some(NetNs::create_isolated()?)
@@ -106,7 +174,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     for l in std::iter::once(l4).chain(l6) {
         tasks.push(tokio::spawn(log_exit(
             "proxy listener",
-            proxy::serve(l, table.clone(), stats.clone(), conns.clone()),
+            proxy::serve(l, table.clone(), stats.clone(), conns.clone(), ctx.clone()),
         )));
     }
 
@@ -144,6 +212,8 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         listen6,
         pin_dir,
         stats,
+        env,
+        run_dir,
         cgroup: Some(cgroup),
         netns,
         kernel,
@@ -216,6 +286,7 @@ impl Bound {
         if let Some(reg) = self.registration.take() {
             self.kernel.unregister(reg);
         }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
         bpf::remove_pin_dir(&self.pin_dir);
         if let Some(parent) = self.pin_dir.parent() {
             let _ = std::fs::remove_dir(parent);
@@ -227,7 +298,14 @@ impl Bound {
 /// `egress run`: build the sandbox, run the command in it, tear it down.
 pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
     let bound = build(&cfg).await?;
-    let status = sandbox::run(&cfg.command, bound.cgroup(), bound.netns(), &cfg.user, &[]).await;
+    let status = sandbox::run(
+        &cfg.command,
+        bound.cgroup(),
+        bound.netns(),
+        &cfg.user,
+        &bound.env,
+    )
+    .await;
     bound.shutdown().await;
     let status = status?;
     info!(status = %status, "command exited");
@@ -240,4 +318,33 @@ pub fn gc() -> Result<Vec<String>, Error> {
     let cg_root = cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))?;
     let bpffs = bpf::bpffs()?;
     Ok(gc::collect(&cg_root, &bpffs))
+}
+
+fn load_ca(cfg: &TlsConfig) -> Result<tls::ca::CertificateAuthority, Error> {
+    Ok(match &cfg.user_ca {
+        Some((cert, key)) => tls::ca::CertificateAuthority::from_pem_files(cert, key)?,
+        None => tls::ca::CertificateAuthority::load_or_create(&cfg.confdir)?,
+    })
+}
+
+/// `egress ca ...`: prints what was asked for.
+pub fn ca(cmd: crate::cli::CaCommand) -> Result<String, Error> {
+    use crate::cli::CaCommand;
+    tls::install_crypto_provider();
+    let (CaCommand::Init(a)
+    | CaCommand::Export(a)
+    | CaCommand::Path(a)
+    | CaCommand::Fingerprint(a)) = &cmd;
+    let ca = tls::ca::CertificateAuthority::load_or_create(&a.confdir)?;
+    let path = a.confdir.join("ca.pem");
+    Ok(match cmd {
+        CaCommand::Init(_) => format!(
+            "{}\nSHA256 Fingerprint={}\n",
+            path.display(),
+            ca.fingerprint_sha256()
+        ),
+        CaCommand::Export(_) => ca.cert_pem().to_owned(),
+        CaCommand::Path(_) => format!("{}\n", path.display()),
+        CaCommand::Fingerprint(_) => format!("{}\n", ca.fingerprint_sha256()),
+    })
 }

@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::policy::TcpAllow;
+use crate::policy::{HostPattern, HostPolicy, TcpAllow};
 
 const TOP_EXAMPLES: &str = "\
 Examples:
@@ -20,16 +20,22 @@ Examples:
 
 const RUN_EXAMPLES: &str = "\
 Examples:
-  sudo egress run -- curl -sS https://pypi.org/simple/six/
+  sudo egress run --allow pypi.org --allow files.pythonhosted.org -- pip download six
+  sudo egress run --allow '*.github.com' --passthrough 'bank.example' -- ./agent
   sudo egress run --user alice --allow-port 22 -- git fetch
   sudo egress run --intercept-port 80 --intercept-port 8080 -- python3 agent.py
   sudo egress --log-format json --log-file /tmp/egress.log run --isolate-net -- ./agent
 
 What the sandbox may do:
-  TCP to an intercepted port (80 and 443 unless --intercept-port is given) goes to the proxy,
-  which records the process and original destination. TCP to a destination allowed with
-  --allow-tcp/--allow-port goes direct. UDP to port 53 passes. Everything else is refused
-  with EPERM and logged.
+  TCP to an intercepted port (80 and 443 unless --intercept-port is given) goes to the proxy.
+  HTTPS is decrypted with a certificate from the egress CA (which the command is told to trust
+  through SSL_CERT_FILE and friends), and each request must name an --allow'ed host, else it
+  gets a 403. --passthrough hosts are spliced without decryption. TCP to a destination allowed
+  with --allow-tcp/--allow-port goes direct. UDP to port 53 passes. Everything else is
+  refused with EPERM and logged.
+
+Host patterns: `example.com` (exactly), `*.example.com` (every subdomain, NOT example.com
+itself), `*` (everything), an IP or CIDR (IP-literal hosts).
 
 Exit status: the command's own (128+N if it died of signal N); 64 for usage errors, 69 when
 the host lacks cgroup v2 or BPF support, 77 for missing privileges.";
@@ -73,13 +79,70 @@ pub enum LogFormat {
 pub enum Command {
     /// Run a command in a fresh sandbox cgroup behind the proxy.
     #[command(after_help = RUN_EXAMPLES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove the cgroups and pinned eBPF state of runs that died without cleaning up.
     Gc,
+    /// Manage the CA that signs intercepted connections' certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the CA in the config directory if there is none; print its path and fingerprint.
+    Init(CaArgs),
+    /// Print the CA certificate (PEM), e.g. to bake into a container image.
+    Export(CaArgs),
+    /// Print the path of the CA certificate.
+    Path(CaArgs),
+    /// Print the SHA-256 fingerprint of the CA certificate.
+    Fingerprint(CaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// Directory holding the CA (ca.pem, ca-key.pem with mode 0600).
+    #[arg(long, env = "EGRESS_CONFDIR", default_value = DEFAULT_CONFDIR, value_name = "DIR")]
+    pub confdir: PathBuf,
+}
+
+pub const DEFAULT_CONFDIR: &str = "/var/lib/egress";
+
+/// TLS settings shared by everything that intercepts.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Directory holding the egress CA; created with a new CA on first use.
+    #[arg(long, env = "EGRESS_CONFDIR", default_value = DEFAULT_CONFDIR, value_name = "DIR")]
+    pub confdir: PathBuf,
+    /// Use this CA certificate (PEM) instead of the one in --confdir; needs --ca-key.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra trusted roots for upstream servers: an OpenSSL-style directory of PEM files.
+    #[arg(long, value_name = "DIR")]
+    pub upstream_trust_dir: Option<PathBuf>,
+    /// Extra trusted root(s) for upstream servers, PEM (repeatable).
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_cas: Vec<PathBuf>,
+    /// Do not set SSL_CERT_FILE, CURL_CA_BUNDLE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS,
+    /// PIP_CERT and GIT_SSL_CAINFO for the command.
+    #[arg(long)]
+    pub no_ca_env: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Let requests to this host through the proxy (repeatable). Everything else gets a 403.
+    #[arg(long, value_name = "HOST")]
+    pub allow: Vec<HostPattern>,
+    /// Splice TLS to this host without decrypting it (repeatable); the client sees the real
+    /// certificate.
+    #[arg(long, value_name = "HOST")]
+    pub passthrough: Vec<HostPattern>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// TCP port whose connects are sent through the proxy (repeatable). Default: 80 and 443.
     #[arg(long = "intercept-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub intercept_ports: Vec<u16>,
@@ -112,9 +175,33 @@ pub struct SandboxUser {
     pub home: PathBuf,
 }
 
+/// Validated TLS settings.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub confdir: PathBuf,
+    pub user_ca: Option<(PathBuf, PathBuf)>,
+    pub upstream_trust_dir: Option<PathBuf>,
+    pub upstream_cas: Vec<PathBuf>,
+    pub ca_env: bool,
+}
+
+impl TlsArgs {
+    pub fn validate(self) -> TlsConfig {
+        TlsConfig {
+            confdir: self.confdir,
+            user_ca: self.ca_cert.zip(self.ca_key),
+            upstream_trust_dir: self.upstream_trust_dir,
+            upstream_cas: self.upstream_cas,
+            ca_env: !self.no_ca_env,
+        }
+    }
+}
+
 /// A validated `egress run`.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
+    pub policy: HostPolicy,
+    pub tls: TlsConfig,
     pub intercept_ports: Vec<u16>,
     pub allow_tcp: Vec<TcpAllow>,
     pub isolate_net: bool,
@@ -164,6 +251,11 @@ impl RunArgs {
         }
         let user = resolve_user(self.user.as_deref())?;
         Ok(RunConfig {
+            policy: HostPolicy {
+                allow: self.allow,
+                passthrough: self.passthrough,
+            },
+            tls: self.tls.validate(),
             intercept_ports,
             allow_tcp,
             isolate_net: self.isolate_net,
@@ -230,8 +322,8 @@ mod tests {
 
     fn run_args(args: &[&str]) -> RunArgs {
         match parse(args).unwrap().command {
-            Command::Run(r) => r,
-            Command::Gc => panic!("parsed as gc"),
+            Command::Run(r) => *r,
+            other => panic!("parsed as {other:?}"),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod sandbox;
+pub mod tls;
 
 /// An error and its sources on one line: `outer: inner: root cause`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

@@ -36,6 +36,16 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Command::Ca(cmd) => match app::ca(cmd) {
+            Ok(out) => {
+                print!("{out}");
+                0
+            }
+            Err(e) => {
+                eprintln!("egress: {}", error_chain(&e));
+                e.exit_code()
+            }
+        },
         Command::Gc => match app::gc() {
             Ok(removed) => {
                 println!("removed {} dead run(s)", removed.len());

@@ -1,7 +1,180 @@
-//! What a sandbox may reach. For now: the TCP destinations it may reach directly, without
-//! the proxy (`--allow-tcp CIDR:PORT`, `--allow-port PORT`). Host rules build on this.
+//! What a sandbox may reach: host patterns for the proxy (`--allow`, `--passthrough`) and
+//! the TCP destinations it may reach directly, without the proxy (`--allow-tcp CIDR:PORT`,
+//! `--allow-port PORT`).
+//!
+//! A [`HostPolicy`] is compiled once and never changes; the data path only reads it.
 
 use std::{fmt, net::IpAddr, str::FromStr};
+
+/// One host pattern.
+///
+/// `*.example.com` matches every name below `example.com` (`a.example.com`,
+/// `a.b.example.com`) but **not** `example.com` itself: list the apex separately if it is
+/// wanted. A bare `*` matches every host. IP literals and CIDRs match IP-literal hosts (an
+/// HTTPS request to an IP with no SNI, or `Host: 192.0.2.7`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostPattern {
+    Any,
+    Exact(String),
+    /// `*.suffix`: stored as `.suffix`.
+    Subdomains(String),
+    Net(IpNet),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{input:?} is not a host pattern ({why}); examples: api.openai.com, *.github.com, 10.0.0.0/8"
+)]
+pub struct HostPatternError {
+    input: String,
+    why: &'static str,
+}
+
+impl FromStr for HostPattern {
+    type Err = HostPatternError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why| HostPatternError {
+            input: s.to_owned(),
+            why,
+        };
+        let t = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        if t == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Ok(ip) = t.parse::<IpAddr>() {
+            let prefix = if ip.is_ipv4() { 32 } else { 128 };
+            return Ok(HostPattern::Net(IpNet { addr: ip, prefix }));
+        }
+        if let Some((a, p)) = t.split_once('/') {
+            let addr: IpAddr = a.parse().map_err(|_| err("not an IP network"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix = p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| err("bad prefix length"))?;
+            return Ok(HostPattern::Net(IpNet {
+                addr: mask(addr, prefix),
+                prefix,
+            }));
+        }
+        let (wild, name) = match t.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, t.as_str()),
+        };
+        if name.is_empty() || name.len() > 253 {
+            return Err(err("empty or too long"));
+        }
+        if name.contains('*') {
+            return Err(err(
+                "`*` is only allowed as a whole leading label, as in *.example.com",
+            ));
+        }
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !name.split('.').all(label_ok) {
+            return Err(err(
+                "a name is letters, digits, `-` and `_` in dot-separated labels",
+            ));
+        }
+        Ok(if wild {
+            HostPattern::Subdomains(format!(".{name}"))
+        } else {
+            HostPattern::Exact(name.to_owned())
+        })
+    }
+}
+
+impl HostPattern {
+    /// Whether `host` (already lowercased, no port, no trailing dot) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Any => true,
+            HostPattern::Exact(n) => n == host,
+            HostPattern::Subdomains(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
+            HostPattern::Net(net) => host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| net.contains(ip.to_canonical())),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Any => f.write_str("*"),
+            HostPattern::Exact(n) => f.write_str(n),
+            HostPattern::Subdomains(s) => write!(f, "*{s}"),
+            HostPattern::Net(n) => write!(f, "{}/{}", n.addr, n.prefix),
+        }
+    }
+}
+
+/// Normalises a host from SNI or a Host header: lowercase, no port, no trailing dot.
+pub fn normalize_host(raw: &str) -> String {
+    let h = raw.trim();
+    let h = if let Some(rest) = h.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else if h.matches(':').count() == 1 {
+        h.split(':').next().unwrap_or(h)
+    } else {
+        h
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Where the proxy lets a sandbox go, compiled from `--allow` and `--passthrough`.
+#[derive(Clone, Debug, Default)]
+pub struct HostPolicy {
+    pub allow: Vec<HostPattern>,
+    pub passthrough: Vec<HostPattern>,
+}
+
+/// What to do with a TLS connection once its SNI is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsAction {
+    /// Splice bytes, no decryption: the client sees the upstream's real certificate.
+    Passthrough { rule: String },
+    /// Terminate TLS and look at each request (which may still be refused with a 403).
+    Intercept,
+}
+
+impl HostPolicy {
+    pub fn tls_action(&self, host: &str) -> TlsAction {
+        match self.passthrough.iter().find(|p| p.matches(host)) {
+            Some(p) => TlsAction::Passthrough {
+                rule: p.to_string(),
+            },
+            None => TlsAction::Intercept,
+        }
+    }
+
+    /// The allow rule that admits `host`, if any. Default deny.
+    pub fn allowed(&self, host: &str) -> Option<&HostPattern> {
+        self.allow.iter().find(|p| p.matches(host))
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                mask(ip, self.prefix) == self.addr
+            }
+            _ => false,
+        }
+    }
+}
 
 /// An IP network: an address and a prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +245,9 @@ impl FromStr for TcpAllow {
             Some((a, p)) => (a, Some(p)),
             None => (net, None),
         };
+        if !s.starts_with('[') && addr.contains(':') {
+            return Err(err("IPv6 needs [ADDR/LEN]:PORT"));
+        }
         let addr: IpAddr = addr.parse().map_err(|_| err("not an IP address"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
@@ -116,6 +292,73 @@ impl fmt::Display for TcpAllow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pat(s: &str) -> HostPattern {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn wildcard_matches_subdomains_but_not_the_apex() {
+        let p = pat("*.example.com");
+        assert!(p.matches("a.example.com"));
+        assert!(p.matches("a.b.example.com"));
+        assert!(
+            !p.matches("example.com"),
+            "documented: the apex needs its own entry"
+        );
+        assert!(!p.matches("badexample.com"));
+        assert!(!p.matches("example.com.evil.net"));
+    }
+
+    #[test]
+    fn exact_ip_cidr_and_any() {
+        assert!(pat("PyPI.org.").matches("pypi.org"));
+        assert!(!pat("pypi.org").matches("files.pypi.org"));
+        assert!(pat("127.0.0.0/8").matches("127.1.2.3"));
+        assert!(pat("::1").matches("[::1]"));
+        assert!(!pat("10.0.0.0/8").matches("11.0.0.1"));
+        assert!(pat("*").matches("anything.at.all"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused_with_examples() {
+        for bad in [
+            "",
+            "a.*.com",
+            "exa mple.com",
+            "10.0.0.0/40",
+            "*foo.com",
+            "a..b",
+        ] {
+            let e = bad.parse::<HostPattern>().unwrap_err();
+            assert!(e.to_string().contains("examples:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_normalised() {
+        assert_eq!(normalize_host("Example.COM:443"), "example.com");
+        assert_eq!(normalize_host("example.com."), "example.com");
+        assert_eq!(normalize_host("[::1]:8443"), "::1");
+        assert_eq!(normalize_host("::1"), "::1");
+    }
+
+    #[test]
+    fn passthrough_wins_for_tls_and_allow_is_default_deny() {
+        let p = HostPolicy {
+            allow: vec![pat("api.example.com")],
+            passthrough: vec![pat("*.bank.com")],
+        };
+        assert_eq!(
+            p.tls_action("www.bank.com"),
+            TlsAction::Passthrough {
+                rule: "*.bank.com".into()
+            }
+        );
+        assert_eq!(p.tls_action("api.example.com"), TlsAction::Intercept);
+        assert!(p.allowed("api.example.com").is_some());
+        assert!(p.allowed("other.example.com").is_none());
+    }
 
     #[test]
     fn parses_v4_cidr_and_host() {

@@ -1,15 +1,27 @@
 //! The interceptor's data path: accept a redirected connection, find where it was going,
-//! and hand it on.
+//! look at its first bytes, and hand it on.
 //!
 //! The original destination comes only from the kernel's record, found by the connection's
 //! 4-tuple and deleted on first use. A connection with no record (a direct connect to the
 //! listener, or a record the kernel failed to write) is closed and logged: never guessed.
+//!
+//! Then: a TLS ClientHello goes to [`passthrough`] (SNI on the passthrough list) or
+//! [`mitm`]; plain HTTP goes straight to [`http`]; anything else is refused.
 
-pub mod relay;
+pub mod http;
+pub mod mitm;
+pub mod passthrough;
+pub mod prefixed;
+pub mod sniff;
+pub mod upstream;
 
-use std::{sync::Arc, time::Instant};
+use std::{sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use bytes::BytesMut;
+use tokio::{
+    io::AsyncReadExt as _,
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument as _};
 
@@ -17,7 +29,28 @@ use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
     bpf::OrigDstTable,
     netns,
+    policy::{HostPolicy, TlsAction},
+    tls::mint::LeafCache,
 };
+
+/// How long a client may take to send enough bytes to tell TLS from HTTP.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head accepted (HTTP/1.1 buffer, HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Bytes read while sniffing: the largest ClientHello the sniffer accepts plus its handshake
+/// and record headers.
+const MAX_SNIFF_BYTES: usize = sniff::MAX_CLIENT_HELLO + 64;
+
+/// Everything the data path shares, immutable once built.
+pub struct Ctx {
+    pub policy: Arc<HostPolicy>,
+    pub leaves: Arc<LeafCache>,
+    pub pool: upstream::Pool,
+}
 
 /// What the kernel recorded about one redirected connection.
 #[derive(Clone, Debug)]
@@ -67,6 +100,7 @@ pub async fn serve(
     table: Arc<OrigDstTable>,
     stats: Arc<Stats>,
     conns: TaskTracker,
+    ctx: Arc<Ctx>,
 ) -> std::io::Result<()> {
     let Listener {
         inner,
@@ -115,12 +149,68 @@ pub async fn serve(
             sandbox = meta.sandbox,
             orig_dst = %meta.orig_dst,
         );
-        conns.spawn(handle(stream, meta).instrument(span));
+        conns.spawn(handle(stream, meta, ctx.clone()).instrument(span));
     }
 }
 
-async fn handle(stream: TcpStream, meta: ConnMeta) {
-    let start = Instant::now();
+async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
     let _ = stream.set_nodelay(true);
-    relay::relay(stream, &meta, start).await;
+    let mut buf = BytesMut::with_capacity(2048);
+    let kind = loop {
+        let read = tokio::time::timeout(SNIFF_TIMEOUT, stream.read_buf(&mut buf)).await;
+        match read {
+            Err(_) => break Err("no TLS ClientHello or HTTP request within the sniff timeout"),
+            Ok(Err(_)) | Ok(Ok(0)) if buf.is_empty() => return,
+            Ok(Err(_)) | Ok(Ok(0)) => {
+                break Err("connection closed before a complete ClientHello or request line")
+            }
+            Ok(Ok(_)) => {}
+        }
+        match sniff::classify(&buf) {
+            sniff::Sniff::NeedMore if buf.len() < MAX_SNIFF_BYTES => continue,
+            sniff::Sniff::NeedMore => break Err("ClientHello too large"),
+            sniff::Sniff::Other => break Err("neither TLS nor HTTP"),
+            other => break Ok(other),
+        }
+    };
+    let kind = match kind {
+        Ok(k) => k,
+        Err(reason) => {
+            warn!(
+                sandbox = meta.sandbox,
+                pid = meta.pid,
+                comm = %meta.comm,
+                client = %meta.client,
+                orig_dst = %meta.orig_dst,
+                decision = "deny",
+                reason,
+                "connection refused"
+            );
+            return;
+        }
+    };
+    let stream = prefixed::Prefixed::new(buf.freeze(), stream);
+    match kind {
+        sniff::Sniff::Tls(hello) => {
+            let name = hello
+                .sni
+                .clone()
+                .unwrap_or_else(|| meta.orig_dst.0.ip().to_string());
+            match ctx.policy.tls_action(&name) {
+                TlsAction::Passthrough { rule } => {
+                    passthrough::splice(stream, &meta, &name, &rule).await
+                }
+                TlsAction::Intercept => mitm::intercept(stream, ctx, meta, hello).await,
+            }
+        }
+        sniff::Sniff::Http => {
+            let conn = http::ConnInfo {
+                meta,
+                sni: None,
+                tls: false,
+            };
+            http::serve(stream, ctx, Arc::new(conn)).await
+        }
+        sniff::Sniff::NeedMore | sniff::Sniff::Other => {}
+    }
 }

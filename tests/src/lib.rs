@@ -6,6 +6,7 @@
 //! `cargo xtask test`, which says so in capitals.
 #![allow(unsafe_code)]
 
+
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -143,6 +144,8 @@ impl Egress {
         let dir = TempDir::new("egress");
         let log = dir.path("egress.log");
         let mut c = Command::new(egress_bin());
+        // A CA of its own per process, unless the test names a --confdir.
+        c.env("EGRESS_CONFDIR", dir.path("conf"));
         c.args(["--log-format", "json", "--log", "debug", "--log-file"])
             .arg(&log)
             .args(sub)

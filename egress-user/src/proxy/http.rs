@@ -1,0 +1,218 @@
+//! The HTTP side of the interceptor: serves HTTP/1.1 and HTTP/2 to the sandboxed client
+//! (over intercepted TLS or plain on port 80), applies the host policy to every request, and
+//! forwards allowed requests upstream with bodies streaming both ways.
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, info, warn};
+
+use super::{
+    upstream::{Body, PoolKey},
+    ConnMeta, Ctx,
+};
+use crate::policy::normalize_host;
+
+/// Per client connection: who it is and how it arrived.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub meta: ConnMeta,
+    /// SNI the client sent, when it arrived over TLS.
+    pub sni: Option<String>,
+    pub tls: bool,
+}
+
+pub async fn serve<I>(io: I, ctx: Arc<Ctx>, conn: Arc<ConnInfo>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (ctx, conn) = (ctx.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(handle(req, &ctx, &conn).await) }
+    });
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(super::HEADER_READ_TIMEOUT)
+        .max_buf_size(super::MAX_HEADER_BYTES);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(super::MAX_HEADER_BYTES as u32)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    if let Err(e) = b
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await
+    {
+        debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// The 403 a refused request gets: JSON naming the host and why, plus `X-Egress-Denied`.
+pub fn denied(host: &str, reason: &'static str, code: &'static str) -> Response<Body> {
+    let body = serde_json::json!({ "error": "egress_denied", "host": host, "reason": reason });
+    let mut r = full(
+        StatusCode::FORBIDDEN,
+        "application/json",
+        format!("{body}\n"),
+    );
+    r.headers_mut()
+        .insert("x-egress-denied", HeaderValue::from_static(code));
+    r
+}
+
+fn upstream_failed(e: &super::upstream::Error) -> Response<Body> {
+    let mut r = full(
+        e.status(),
+        "text/plain; charset=utf-8",
+        format!("egress: {}\n", crate::error_chain(e)),
+    );
+    r.headers_mut()
+        .insert("x-egress-error", HeaderValue::from_static(e.kind()));
+    r
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE)
+        && req
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|s| s.to_ascii_lowercase().contains("upgrade"))
+            })
+}
+
+async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Response<Body> {
+    let start = Instant::now();
+    let meta = &conn.meta;
+    let orig_ip = meta.orig_dst.0.ip().to_string();
+    let raw_host = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .or_else(|| conn.sni.clone())
+        .unwrap_or_else(|| orig_ip.clone());
+    let host = normalize_host(&raw_host);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+
+    let log = |status: u16, decision: &str, rule: &str, error: &str| {
+        info!(
+            sandbox = meta.sandbox,
+            pid = meta.pid,
+            comm = %meta.comm,
+            client = %meta.client,
+            orig_dst = %meta.orig_dst,
+            sni = conn.sni.as_deref().unwrap_or(""),
+            host = %host,
+            method = %method,
+            path = %path,
+            status,
+            decision,
+            rule,
+            tls = if conn.tls { "mitm" } else { "plain" },
+            duration_ms = start.elapsed().as_millis() as u64,
+            error,
+            "request"
+        );
+    };
+
+    // Both names the request carries must be allowed: the SNI picks the upstream
+    // connection, the Host the virtual host.
+    let sni_rule = match &conn.sni {
+        Some(sni) => match ctx.policy.allowed(sni) {
+            Some(r) => Some(r.to_string()),
+            None => {
+                log(403, "deny", "", "sni not allowed");
+                return denied(
+                    sni,
+                    "TLS server name is not in the allowlist",
+                    "host-not-allowed",
+                );
+            }
+        },
+        None => None,
+    };
+    let Some(rule) = ctx.policy.allowed(&host).map(|r| r.to_string()) else {
+        log(403, "deny", "", "host not allowed");
+        return denied(&host, "host is not in the allowlist", "host-not-allowed");
+    };
+    let rule = sni_rule.unwrap_or(rule);
+
+    let key = PoolKey {
+        dst: meta.orig_dst.0,
+        tls_name: conn
+            .tls
+            .then(|| conn.sni.clone().unwrap_or_else(|| orig_ip.clone())),
+    };
+
+    if is_upgrade(&req) {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let resp = match ctx.pool.send_upgrade(&key, req.map(|b| b.boxed())).await {
+            Ok(r) => r,
+            Err(e) => {
+                let r = upstream_failed(&e);
+                log(r.status().as_u16(), "allow", &rule, &crate::error_chain(&e));
+                return r;
+            }
+        };
+        let mut resp = resp;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                        debug!(result = ?r, "upgraded connection closed");
+                    }
+                    Err(e) => warn!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+        log(resp.status().as_u16(), "allow", &rule, "");
+        return resp.map(|b| b.boxed());
+    }
+
+    match ctx.pool.send(&key, req.map(|b| b.boxed())).await {
+        Ok(resp) => {
+            log(resp.status().as_u16(), "allow", &rule, "");
+            resp.map(|b| b.boxed())
+        }
+        Err(e) => {
+            let r = upstream_failed(&e);
+            log(r.status().as_u16(), "allow", &rule, &crate::error_chain(&e));
+            r
+        }
+    }
+}

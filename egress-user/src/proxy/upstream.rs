@@ -1,0 +1,437 @@
+//! Connections to the original destinations, from egress's own cgroup (never redirected).
+//!
+//! HTTPS upstreams are verified against the system trust store plus any configured roots;
+//! there is no insecure fallback. HTTP/2 or HTTP/1.1 is whatever the upstream picks by ALPN,
+//! independently of the client side. Connections are pooled per (original destination, SNI).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle HTTP/1.1 connections kept per pool key.
+const MAX_IDLE_H1: usize = 32;
+
+/// Why an upstream could not be used. Every variant maps to a 502 or 504 with this text.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to {dst} timed out after {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout { dst: SocketAddr },
+    #[error("connecting to {dst} failed")]
+    Connect {
+        dst: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {dst} timed out")]
+    TlsTimeout { dst: SocketAddr },
+    #[error("TLS handshake with {server} at {dst} failed")]
+    Tls {
+        dst: SocketAddr,
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{server:?} is not a valid TLS server name")]
+    ServerName { server: String },
+    #[error("HTTP handshake with {dst} failed")]
+    Handshake {
+        dst: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("upstream request to {dst} failed")]
+    Request {
+        dst: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl Error {
+    /// 504 for timeouts, 502 for everything else.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Error::ConnectTimeout { .. } | Error::TlsTimeout { .. } => {
+                http::StatusCode::GATEWAY_TIMEOUT
+            }
+            _ => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A short machine-readable reason for logs and the `X-Egress-Error` header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::ConnectTimeout { .. } => "upstream-connect-timeout",
+            Error::Connect { .. } => "upstream-connect-failed",
+            Error::TlsTimeout { .. } => "upstream-tls-timeout",
+            Error::Tls { .. } => "upstream-tls-failed",
+            Error::ServerName { .. } => "upstream-bad-server-name",
+            Error::Handshake { .. } => "upstream-http-handshake-failed",
+            Error::Request { .. } => "upstream-request-failed",
+        }
+    }
+}
+
+pub async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, Error> {
+    let s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+        Err(_) => return Err(Error::ConnectTimeout { dst }),
+        Ok(Err(source)) => return Err(Error::Connect { dst, source }),
+        Ok(Ok(s)) => s,
+    };
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Which upstream a request goes to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub dst: SocketAddr,
+    /// TLS server name (DNS name, or the IP when the client sent no SNI); `None` for plain
+    /// HTTP.
+    pub tls_name: Option<String>,
+}
+
+enum Entry {
+    H2(http2::SendRequest<Body>),
+    H1(Vec<http1::SendRequest<Body>>),
+}
+
+/// The upstream connection pool.
+pub struct Pool {
+    tls: tokio_rustls::TlsConnector,
+    tls_h1_only: tokio_rustls::TlsConnector,
+    entries: Mutex<HashMap<PoolKey, Entry>>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Pool {
+    /// `tls` must offer ALPN `h2` and `http/1.1`; `tls_h1_only` only `http/1.1` (for upgrades,
+    /// which need an HTTP/1.1 connection of their own).
+    pub fn new(tls: Arc<rustls::ClientConfig>, tls_h1_only: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            tls: tls.into(),
+            tls_h1_only: tls_h1_only.into(),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn checkout(&self, key: &PoolKey) -> Option<Sender> {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get_mut(key)? {
+            Entry::H2(s) if !s.is_closed() => Some(Sender::H2(s.clone())),
+            Entry::H2(_) => {
+                entries.remove(key);
+                None
+            }
+            Entry::H1(idle) => {
+                idle.retain(|s| !s.is_closed());
+                let i = idle.iter().position(|s| s.is_ready())?;
+                Some(Sender::H1(idle.swap_remove(i)))
+            }
+        }
+    }
+
+    fn checkin(&self, key: &PoolKey, s: Sender) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match s {
+            Sender::H2(s) => {
+                entries.insert(key.clone(), Entry::H2(s));
+            }
+            Sender::H1(s) => match entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::H1(Vec::new()))
+            {
+                Entry::H1(idle) if idle.len() < MAX_IDLE_H1 => idle.push(s),
+                Entry::H1(_) => {}
+                // An HTTP/2 connection appeared meanwhile; it serves everything.
+                Entry::H2(_) => {}
+            },
+        }
+    }
+
+    /// Sends a request (URI and headers already in upstream form for either protocol; see
+    /// [`prepare`]) and returns the response head with its body still streaming.
+    pub async fn send(
+        &self,
+        key: &PoolKey,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Error> {
+        let sender = match self.checkout(key) {
+            Some(s) => s,
+            None => self.connect(key, false).await?,
+        };
+        let dst = key.dst;
+        match sender {
+            Sender::H2(mut s) => {
+                let req = prepare(req, http::Version::HTTP_2, key);
+                let resp = s
+                    .send_request(req)
+                    .await
+                    .map_err(|source| Error::Request { dst, source })?;
+                self.checkin(key, Sender::H2(s));
+                Ok(resp)
+            }
+            Sender::H1(mut s) => {
+                let req = prepare(req, http::Version::HTTP_11, key);
+                let resp = s
+                    .send_request(req)
+                    .await
+                    .map_err(|source| Error::Request { dst, source })?;
+                // Busy until the body is read; checkout skips it until then.
+                self.checkin(key, Sender::H1(s));
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Sends an upgrade request (WebSocket) on a fresh HTTP/1.1 connection that allows
+    /// upgrades; never pooled.
+    pub async fn send_upgrade(
+        &self,
+        key: &PoolKey,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Error> {
+        let Sender::H1(mut s) = self.connect(key, true).await? else {
+            unreachable!("connect(h1_only) yields HTTP/1.1")
+        };
+        let req = prepare(req, http::Version::HTTP_11, key);
+        s.send_request(req).await.map_err(|source| Error::Request {
+            dst: key.dst,
+            source,
+        })
+    }
+
+    async fn connect(&self, key: &PoolKey, h1_only: bool) -> Result<Sender, Error> {
+        let dst = key.dst;
+        let tcp = connect_tcp(dst).await?;
+        let Some(name) = &key.tls_name else {
+            return h1(TokioIo::new(tcp), dst, h1_only).await;
+        };
+        let server = ServerName::try_from(name.clone()).map_err(|_| Error::ServerName {
+            server: name.clone(),
+        })?;
+        let connector = if h1_only {
+            &self.tls_h1_only
+        } else {
+            &self.tls
+        };
+        let tls = match tokio::time::timeout(TLS_TIMEOUT, connector.connect(server, tcp)).await {
+            Err(_) => return Err(Error::TlsTimeout { dst }),
+            Ok(Err(source)) => {
+                return Err(Error::Tls {
+                    dst,
+                    server: name.clone(),
+                    source,
+                })
+            }
+            Ok(Ok(t)) => t,
+        };
+        let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        if is_h2 && !h1_only {
+            let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|source| Error::Handshake { dst, source })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            Ok(Sender::H2(s))
+        } else {
+            h1(TokioIo::new(tls), dst, h1_only).await
+        }
+    }
+}
+
+async fn h1<T>(io: TokioIo<T>, dst: SocketAddr, upgrades: bool) -> Result<Sender, Error>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (s, conn) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|source| Error::Handshake { dst, source })?;
+    tokio::spawn(async move {
+        let r = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "upstream h1 connection ended");
+        }
+    });
+    Ok(Sender::H1(s))
+}
+
+/// Headers that describe one hop, not the message; never forwarded as they are.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Rewrites a request received from the client into the form the upstream protocol wants:
+/// origin-form URI plus `Host` for HTTP/1.1, absolute URI (`:authority`) for HTTP/2.
+pub fn prepare(req: Request<Body>, version: http::Version, key: &PoolKey) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    let upgrade =
+        parts.headers.contains_key(http::header::UPGRADE) && version == http::Version::HTTP_11;
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| key.dst.to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    if !upgrade {
+        // Connection may name further hop-by-hop headers.
+        let named: Vec<String> = parts
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+            .collect();
+        for h in named
+            .iter()
+            .map(String::as_str)
+            .chain(HOP_BY_HOP.iter().copied())
+        {
+            if h == "te" && version == http::Version::HTTP_2 {
+                continue;
+            }
+            parts.headers.remove(h);
+        }
+    }
+    if version == http::Version::HTTP_2 {
+        parts.headers.remove(http::header::HOST);
+        if let Some(te) = parts.headers.get(http::header::TE) {
+            if te.as_bytes() != b"trailers" {
+                parts.headers.remove(http::header::TE);
+            }
+        }
+        let scheme = if key.tls_name.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        parts.uri = format!("{scheme}://{authority}{path}")
+            .parse()
+            .unwrap_or(parts.uri);
+    } else {
+        if !parts.headers.contains_key(http::header::HOST) {
+            if let Ok(v) = http::HeaderValue::from_str(&authority) {
+                parts.headers.insert(http::header::HOST, v);
+            }
+        }
+        parts.uri = path.parse().unwrap_or(parts.uri);
+    }
+    parts.version = version;
+    Request::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt as _, Empty};
+
+    fn body() -> Body {
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    fn key(tls: bool) -> PoolKey {
+        PoolKey {
+            dst: "192.0.2.1:443".parse().unwrap(),
+            tls_name: tls.then(|| "example.com".into()),
+        }
+    }
+
+    #[test]
+    fn h2_client_request_to_h1_upstream_gets_host_and_origin_form() {
+        let req = Request::builder()
+            .version(http::Version::HTTP_2)
+            .uri("https://example.com/a?b=1")
+            .body(body())
+            .unwrap();
+        let r = prepare(req, http::Version::HTTP_11, &key(true));
+        assert_eq!(r.uri(), "/a?b=1");
+        assert_eq!(r.headers()[http::header::HOST], "example.com");
+        assert_eq!(r.version(), http::Version::HTTP_11);
+    }
+
+    #[test]
+    fn h1_client_request_to_h2_upstream_gets_authority_and_loses_hop_headers() {
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "example.com")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-kept", "1")
+            .body(body())
+            .unwrap();
+        let r = prepare(req, http::Version::HTTP_2, &key(true));
+        assert_eq!(r.uri(), "https://example.com/x");
+        assert!(r.headers().get("host").is_none());
+        assert!(r.headers().get("x-hop").is_none());
+        assert!(r.headers().get("connection").is_none());
+        assert!(r.headers().get("keep-alive").is_none());
+        assert_eq!(r.headers()["x-kept"], "1");
+    }
+
+    #[test]
+    fn upgrade_requests_keep_their_upgrade_headers() {
+        let req = Request::builder()
+            .uri("/ws")
+            .header("host", "example.com")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(body())
+            .unwrap();
+        let r = prepare(req, http::Version::HTTP_11, &key(true));
+        assert_eq!(r.headers()["upgrade"], "websocket");
+        assert_eq!(r.headers()["connection"], "Upgrade");
+    }
+}
