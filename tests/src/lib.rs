@@ -6,6 +6,7 @@
 //! `cargo xtask test`, which says so in capitals.
 #![allow(unsafe_code)]
 
+pub mod origin;
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},

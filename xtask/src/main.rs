@@ -50,7 +50,7 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Tools the privileged tests drive as real clients.
-const TEST_PACKAGES: &[&str] = &["curl", "iproute2", "util-linux", "python3"];
+const TEST_PACKAGES: &[&str] = &["curl", "iproute2", "util-linux", "python3", "openssl"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> Result<()> {
@@ -101,12 +101,16 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
-    let missing: Vec<&str> = APT_PACKAGES
+    let mut missing: Vec<&str> = APT_PACKAGES
         .iter()
         .chain(TEST_PACKAGES)
         .copied()
         .filter(|p| !dpkg_installed(p))
         .collect();
+    // Node may come from elsewhere than Debian; only install it when there is none at all.
+    if !Path::new("/usr/bin/node").exists() {
+        missing.push("nodejs");
+    }
     if !missing.is_empty() {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         run(Command::new("apt-get")
