@@ -452,3 +452,56 @@ fn the_ca_survives_a_restart() {
     );
     assert_eq!(fp("path").trim(), conf.join("ca.pem").to_str().unwrap());
 }
+
+#[test]
+fn idle_and_slow_clients_do_not_hurt_others() {
+    need(PY);
+    let s = site("127.0.32.2");
+    // 300 connections that never finish a ClientHello (slowloris), then a normal request.
+    let script = r#"
+import socket, time, urllib.request
+idle = []
+for i in range(300):
+    c = socket.create_connection(('127.0.32.2', 443))
+    if i % 2: c.sendall(b'\x16\x03\x01\x02')
+    idle.append(c)
+t = time.monotonic()
+print(urllib.request.urlopen('https://127.0.32.2/hello').read().decode())
+print(round((time.monotonic() - t) * 1000))
+"#;
+    let f = Egress::run(&s.args(&["--allow", "127.0.32.2"]), &[PY, "-c", script]).finish();
+    assert!(f.status.success(), "{f:#?}");
+    let lines: Vec<&str> = f.stdout.lines().collect();
+    assert_eq!(lines[0], "hello from 127.0.32.2", "{f:#?}");
+    let ms: u64 = lines[1].parse().unwrap();
+    assert!(
+        ms < 3000,
+        "a normal request took {ms} ms next to 300 stalled clients"
+    );
+}
+
+#[test]
+fn oversized_request_headers_are_refused() {
+    let s = site("127.0.33.2");
+    let big = format!("X-Bomb: {}", "a".repeat(100 * 1024));
+    let f = Egress::run(
+        &s.args(&["--allow", "origin.test"]),
+        &[
+            "curl",
+            "-sS",
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &big,
+            "--resolve",
+            &s.resolve(),
+            "https://origin.test/hello",
+        ],
+    )
+    .finish();
+    assert_eq!(f.stdout, "431", "{f:#?}");
+    assert!(s.origin.requests().is_empty());
+}
