@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     addr::ListenAddr,
+    audit::{Audit, AuditWriter},
     bpf::{self, Kernel, Registration, SandboxSpec},
     caps,
     cgroup::{self, SandboxCgroup},
@@ -62,6 +63,8 @@ pub enum Error {
     Mint(#[from] tls::mint::MintError),
     #[error(transparent)]
     UpstreamTls(#[from] tls::upstream::Error),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::OpenError),
     #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
@@ -91,6 +94,8 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Sandbox id used by `egress run`, which has exactly one.
 const RUN_SANDBOX_ID: u32 = 1;
+/// Its name in audit records.
+const RUN_SANDBOX_NAME: &str = "run";
 
 /// A ready sandbox: cgroup, programs attached, proxy serving.
 pub struct Bound {
@@ -107,6 +112,8 @@ pub struct Bound {
     registration: Option<Registration>,
     tasks: Vec<JoinHandle<()>>,
     conns: TaskTracker,
+    ctx: Option<Arc<Ctx>>,
+    audit: Option<(Audit, AuditWriter)>,
 }
 
 pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
@@ -128,11 +135,22 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     )?;
     let mut h1_only = (*upstream).clone();
     h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let (audit, audit_writer) = Audit::open(cfg.audit.clone())?;
+    let sandbox_names =
+        std::collections::HashMap::from([(RUN_SANDBOX_ID, RUN_SANDBOX_NAME.to_owned())]);
     let ctx = Arc::new(Ctx {
         policy: Arc::new(cfg.policy.clone()),
         leaves,
         pool: Pool::new(upstream, Arc::new(h1_only)),
+        audit: audit.clone(),
+        audit_query: cfg.audit_query,
+        sandbox_names: sandbox_names.clone(),
     });
+    if cfg.policy.allow.is_empty() && cfg.policy.passthrough.is_empty() {
+        warn!(
+            "no --allow or --passthrough given: every HTTP(S) request will be refused with a 403"
+        );
+    }
 
     // Per-run files the sandbox user must read: world-readable, removed at shutdown.
     let run_dir = std::env::temp_dir().join(format!("egress-{name}"));
@@ -170,7 +188,10 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     let table = Arc::new(table);
     let stats = Arc::new(Stats::default());
     let conns = TaskTracker::new();
-    let mut tasks = vec![tokio::spawn(log_exit("kernel events", events::run(ring)))];
+    let mut tasks = vec![tokio::spawn(log_exit(
+        "kernel events",
+        events::run(ring, audit.clone(), sandbox_names),
+    ))];
     for l in std::iter::once(l4).chain(l6) {
         tasks.push(tokio::spawn(log_exit(
             "proxy listener",
@@ -220,6 +241,8 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         registration: Some(registration),
         tasks,
         conns,
+        ctx: Some(ctx),
+        audit: Some((audit, audit_writer)),
     })
 }
 
@@ -285,6 +308,16 @@ impl Bound {
         let denied = self.kernel.counter(egress_common::Counter::Denied);
         if let Some(reg) = self.registration.take() {
             self.kernel.unregister(reg);
+        }
+        // Every task holding an audit handle is gone now; drain and fsync the audit log.
+        drop(self.ctx.take());
+        if let Some((audit, writer)) = self.audit.take() {
+            let dropped = tokio::task::spawn_blocking(move || audit.close(writer))
+                .await
+                .unwrap_or(0);
+            if dropped > 0 {
+                tracing::error!(dropped, "audit records could not be written");
+            }
         }
         let _ = std::fs::remove_dir_all(&self.run_dir);
         bpf::remove_pin_dir(&self.pin_dir);

@@ -143,6 +143,8 @@ pub struct RunArgs {
     pub passthrough: Vec<HostPattern>,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
     /// TCP port whose connects are sent through the proxy (repeatable). Default: 80 and 443.
     #[arg(long = "intercept-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub intercept_ports: Vec<u16>,
@@ -175,6 +177,37 @@ pub struct SandboxUser {
     pub home: PathBuf,
 }
 
+/// Where the audit log goes.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Audit log file (JSON lines), or `-` for standard output. Default: audit.jsonl in the
+    /// --confdir.
+    #[arg(long, value_name = "FILE|-")]
+    pub audit: Option<PathBuf>,
+    /// Rotate the audit file when it would grow past this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_MAX_BYTES)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept (audit.jsonl.1 … .N).
+    #[arg(long, value_name = "N", default_value_t = crate::audit::DEFAULT_KEEP)]
+    pub audit_keep: usize,
+    /// Keep query strings in audit records (redacted by default: they often carry tokens).
+    #[arg(long)]
+    pub audit_query: bool,
+}
+
+impl AuditArgs {
+    pub fn sink(&self, confdir: &std::path::Path) -> crate::audit::Sink {
+        match &self.audit {
+            Some(p) if p.as_os_str() == "-" => crate::audit::Sink::Stdout,
+            p => crate::audit::Sink::File {
+                path: p.clone().unwrap_or_else(|| confdir.join("audit.jsonl")),
+                max_bytes: self.audit_max_bytes,
+                keep: self.audit_keep,
+            },
+        }
+    }
+}
+
 /// Validated TLS settings.
 #[derive(Clone, Debug)]
 pub struct TlsConfig {
@@ -202,6 +235,8 @@ impl TlsArgs {
 pub struct RunConfig {
     pub policy: HostPolicy,
     pub tls: TlsConfig,
+    pub audit: crate::audit::Sink,
+    pub audit_query: bool,
     pub intercept_ports: Vec<u16>,
     pub allow_tcp: Vec<TcpAllow>,
     pub isolate_net: bool,
@@ -255,6 +290,8 @@ impl RunArgs {
                 allow: self.allow,
                 passthrough: self.passthrough,
             },
+            audit: self.audit.sink(&self.tls.confdir),
+            audit_query: self.audit.audit_query,
             tls: self.tls.validate(),
             intercept_ports,
             allow_tcp,

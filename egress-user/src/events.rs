@@ -6,7 +6,10 @@ use aya::maps::{MapData, RingBuf};
 use egress_common::{Event, EventKind};
 use tokio::io::unix::AsyncFd;
 
-use crate::addr;
+use crate::{
+    addr,
+    audit::{Audit, KernelRecord, Record},
+};
 
 /// Decodes one ring-buffer record; `None` for a record of the wrong size.
 pub fn decode(bytes: &[u8]) -> Option<Event> {
@@ -39,8 +42,12 @@ fn describe(kind: u32) -> &'static str {
     }
 }
 
-/// Logs every kernel event until the task is dropped.
-pub async fn run(ring: RingBuf<MapData>) -> std::io::Result<()> {
+/// Logs and audits every kernel event until the task is dropped.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    audit: Audit,
+    names: std::collections::HashMap<u32, String>,
+) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
     // the AsyncFd (and so the registration) lives.
     #[allow(unsafe_code)]
@@ -53,6 +60,27 @@ pub async fn run(ring: RingBuf<MapData>) -> std::io::Result<()> {
             match decode(&item) {
                 Some(ev) => {
                     let dst = SocketAddr::new(addr::ip_from_mapped_words(&ev.addr), ev.port as u16);
+                    audit.record(&Record::KernelDeny(KernelRecord {
+                        ts: crate::audit::now(),
+                        sandbox: names
+                            .get(&ev.sandbox)
+                            .cloned()
+                            .unwrap_or_else(|| ev.sandbox.to_string()),
+                        pid: ev.tgid,
+                        comm: addr::comm(&ev.comm),
+                        protocol: match ev.protocol {
+                            6 => "tcp".into(),
+                            17 => "udp".into(),
+                            p => p.to_string(),
+                        },
+                        dst: dst.to_string(),
+                        decision: if ev.kind == EventKind::RecordFailed as u32 {
+                            "error"
+                        } else {
+                            "deny"
+                        },
+                        reason: describe(ev.kind),
+                    }));
                     tracing::warn!(
                         target: "egress::kernel",
                         sandbox = ev.sandbox,

@@ -5,6 +5,7 @@
 
 pub mod addr;
 pub mod app;
+pub mod audit;
 pub mod bpf;
 pub mod caps;
 pub mod cgroup;

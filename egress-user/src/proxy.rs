@@ -9,6 +9,7 @@
 //! [`mitm`]; plain HTTP goes straight to [`http`]; anything else is refused.
 
 pub mod http;
+pub mod metered;
 pub mod mitm;
 pub mod passthrough;
 pub mod prefixed;
@@ -27,6 +28,7 @@ use tracing::{info_span, warn, Instrument as _};
 
 use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
+    audit::{Audit, ConnectionRecord, Record},
     bpf::OrigDstTable,
     netns,
     policy::{HostPolicy, TlsAction},
@@ -50,6 +52,33 @@ pub struct Ctx {
     pub policy: Arc<HostPolicy>,
     pub leaves: Arc<LeafCache>,
     pub pool: upstream::Pool,
+    pub audit: Audit,
+    /// Log query strings in audit records (they often carry tokens; off by default).
+    pub audit_query: bool,
+    /// Sandbox id (as the kernel reports it) → name, for audit records.
+    pub sandbox_names: std::collections::HashMap<u32, String>,
+}
+
+impl Ctx {
+    pub fn sandbox_name(&self, id: u32) -> String {
+        self.sandbox_names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    /// Records a connection-level outcome (passthrough, refused).
+    pub fn audit_connection(&self, meta: &ConnMeta, rec: ConnectionRecord) {
+        self.audit.record(&Record::Connection(ConnectionRecord {
+            ts: crate::audit::now(),
+            sandbox: self.sandbox_name(meta.sandbox),
+            pid: meta.pid,
+            comm: meta.comm.clone(),
+            client: meta.client.to_string(),
+            orig_dst: meta.orig_dst.to_string(),
+            ..rec
+        }));
+    }
 }
 
 /// What the kernel recorded about one redirected connection.
@@ -186,6 +215,12 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
                 reason,
                 "connection refused"
             );
+            let rec = ConnectionRecord {
+                decision: "deny",
+                reason: Some(reason.into()),
+                ..Default::default()
+            };
+            ctx.audit_connection(&meta, rec);
             return;
         }
     };
@@ -198,7 +233,7 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
                 .unwrap_or_else(|| meta.orig_dst.0.ip().to_string());
             match ctx.policy.tls_action(&name) {
                 TlsAction::Passthrough { rule } => {
-                    passthrough::splice(stream, &meta, &name, &rule).await
+                    passthrough::splice(stream, &meta, &name, &rule, &ctx).await
                 }
                 TlsAction::Intercept => mitm::intercept(stream, ctx, meta, hello).await,
             }

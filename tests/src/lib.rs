@@ -115,6 +115,8 @@ pub struct Finished {
     pub stdout: String,
     pub stderr: String,
     pub logs: Vec<Value>,
+    /// The audit log (JSON lines) egress wrote to its default place in the confdir.
+    pub audit: Vec<Value>,
 }
 
 impl Finished {
@@ -124,6 +126,11 @@ impl Finished {
             .lines()
             .find_map(|l| serde_json::from_str::<Value>(l).ok())
             .unwrap_or_else(|| panic!("no JSON from the test client; {self:#?}"))
+    }
+
+    /// Audit records of one kind (`request`, `connection`, `kernel_deny`).
+    pub fn audit_of(&self, event: &str) -> Vec<&Value> {
+        self.audit.iter().filter(|v| v["event"] == event).collect()
     }
 
     pub fn log_with(&self, message: &str) -> Vec<&Value> {
@@ -242,11 +249,13 @@ impl Egress {
         self.stderr_thread.take().unwrap().join().unwrap();
         let stdout = self.stdout.lock().unwrap().clone();
         let stderr = self.stderr.lock().unwrap().clone();
+        let audit = read_json_lines(&self._dir.path("conf").join("audit.jsonl"));
         Finished {
             status,
             stdout,
             stderr,
             logs: self.logs(),
+            audit,
         }
     }
 

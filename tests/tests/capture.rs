@@ -94,6 +94,14 @@ fn non_intercepted_port_gets_eperm() {
     let out = f.client_json();
     assert_eq!(out["errno"], libc::EPERM, "{out}");
     assert_eq!(up.accepted(), 0);
+    let audited = f.audit_of("kernel_deny");
+    assert!(
+        audited.iter().any(|r| r["dst"] == "127.0.4.2:8080"
+            && r["protocol"] == "tcp"
+            && r["pid"] == out["pid"]
+            && r["sandbox"] == "run"),
+        "{audited:#?}"
+    );
     let refusals = kernel_refusals(&f.logs);
     assert!(
         refusals.iter().any(|r| r["dst"] == "127.0.4.2:8080"
@@ -355,6 +363,12 @@ fn map_entries_return_to_zero_after_1000_connections() {
     let f = e.finish();
     assert!(f.status.success());
     assert_eq!(up.accepted(), 1000);
+    // One audit record per request, none lost.
+    let reqs = f.audit_of("request");
+    assert_eq!(reqs.len(), 1000, "audit records");
+    assert!(reqs.iter().all(|r| r["status"] == 200
+        && r["decision"] == "allow"
+        && r["bytes_down"].as_u64() > Some(0)));
     assert!(!pin_dir.exists(), "pins are removed on exit");
 }
 

@@ -99,6 +99,14 @@ fn curl_http1_and_http2_trust_the_egress_ca_through_the_environment() {
         assert_eq!(r[0]["comm"], "curl");
         assert_eq!(r[0]["status"], 200);
         assert_eq!(r[0]["rule"], "origin.test");
+        let a = f.audit_of("request");
+        assert_eq!(a.len(), 1, "{:#?}", f.audit);
+        assert_eq!(a[0]["host"], "origin.test");
+        assert_eq!(a[0]["method"], "GET");
+        assert_eq!(a[0]["path"], "/hello");
+        assert_eq!(a[0]["tls"], "mitm");
+        assert_eq!(a[0]["comm"], "curl");
+        assert_eq!(a[0]["bytes_down"], "hello from origin.test".len());
     }
     let seen = s.origin.requests();
     assert_eq!(seen.len(), 2);
@@ -140,6 +148,10 @@ fn a_host_not_allowed_gets_a_clear_403() {
         "a denied request never reaches the origin"
     );
     assert_eq!(requests(&f)[0]["decision"], "deny");
+    let a = f.audit_of("request");
+    assert_eq!(a[0]["decision"], "deny");
+    assert_eq!(a[0]["status"], 403);
+    assert_eq!(a[0]["reason"], "TLS server name is not in the allowlist");
 }
 
 #[test]
@@ -305,6 +317,11 @@ fn passthrough_host_shows_the_upstream_certificate() {
         .collect();
     assert_eq!(closed.len(), 1, "{f:#?}");
     assert_eq!(closed[0]["decision"], "passthrough");
+    let audited = f.audit_of("connection");
+    assert_eq!(audited.len(), 1, "{:#?}", f.audit);
+    assert_eq!(audited[0]["tls"], "passthrough");
+    assert_eq!(audited[0]["sni"], "origin.test");
+    assert!(audited[0]["bytes_down"].as_u64().unwrap() > 0);
     assert_eq!(closed[0]["sni"], "origin.test");
     assert!(closed[0]["bytes_down"].as_u64().unwrap() > 0);
 }

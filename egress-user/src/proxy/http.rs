@@ -2,7 +2,14 @@
 //! (over intercepted TLS or plain on port 80), applies the host policy to every request, and
 //! forwards allowed requests upstream with bodies streaming both ways.
 
-use std::{convert::Infallible, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -16,10 +23,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::{
+    metered::{Counted, Reported},
     upstream::{Body, PoolKey},
     ConnMeta, Ctx,
 };
-use crate::policy::normalize_host;
+use crate::{
+    audit::{self, Record, RequestRecord},
+    policy::normalize_host,
+};
 
 /// Per client connection: who it is and how it arrived.
 #[derive(Debug)]
@@ -106,6 +117,34 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
+/// How one request ended, for its log and audit lines.
+struct Outcome {
+    decision: &'static str,
+    rule: String,
+    reason: Option<String>,
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn allow(rule: &str) -> Self {
+        Outcome {
+            decision: "allow",
+            rule: rule.to_owned(),
+            reason: None,
+            error: None,
+        }
+    }
+
+    fn deny(reason: &str) -> Self {
+        Outcome {
+            decision: "deny",
+            rule: String::new(),
+            reason: Some(reason.to_owned()),
+            error: None,
+        }
+    }
+}
+
 async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Response<Body> {
     let start = Instant::now();
     let meta = &conn.meta;
@@ -123,10 +162,36 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         .or_else(|| conn.sni.clone())
         .unwrap_or_else(|| orig_ip.clone());
     let host = normalize_host(&raw_host);
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let record = RequestRecord {
+        ts: audit::now(),
+        sandbox: ctx.sandbox_name(meta.sandbox),
+        pid: meta.pid,
+        comm: meta.comm.clone(),
+        client: meta.client.to_string(),
+        orig_dst: meta.orig_dst.to_string(),
+        sni: conn.sni.clone(),
+        host: host.clone(),
+        method: req.method().to_string(),
+        path: audit::redact_path(&path_and_query, ctx.audit_query),
+        tls: if conn.tls { "mitm" } else { "plain" },
+        ..Default::default()
+    };
+    let bytes_up = Arc::new(AtomicU64::new(0));
 
-    let log = |status: u16, decision: &str, rule: &str, error: &str| {
+    // One tracing line when the response head is known, one audit record when its body ends.
+    let finish = |resp: Response<Body>, out: Outcome| -> Response<Body> {
+        let mut rec = record.clone();
+        rec.status = resp.status().as_u16();
+        rec.decision = out.decision;
+        rec.rule = out.rule;
+        rec.reason = out.reason;
+        rec.error = out.error;
         info!(
             sandbox = meta.sandbox,
             pid = meta.pid,
@@ -134,17 +199,33 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             client = %meta.client,
             orig_dst = %meta.orig_dst,
             sni = conn.sni.as_deref().unwrap_or(""),
-            host = %host,
-            method = %method,
-            path = %path,
-            status,
-            decision,
-            rule,
-            tls = if conn.tls { "mitm" } else { "plain" },
+            host = %rec.host,
+            method = %rec.method,
+            path = %rec.path,
+            status = rec.status,
+            decision = rec.decision,
+            rule = %rec.rule,
+            tls = rec.tls,
             duration_ms = start.elapsed().as_millis() as u64,
-            error,
+            error = rec.error.as_deref().or(rec.reason.as_deref()).unwrap_or(""),
             "request"
         );
+        let (audit, up) = (ctx.audit.clone(), bytes_up.clone());
+        resp.map(move |body| {
+            Reported::new(
+                body,
+                Box::new(move |down, complete| {
+                    rec.bytes_up = up.load(Ordering::Relaxed);
+                    rec.bytes_down = down;
+                    rec.duration_ms = start.elapsed().as_millis() as u64;
+                    if !complete && rec.error.is_none() {
+                        rec.error = Some("response body cut off".into());
+                    }
+                    audit.record(&Record::Request(rec));
+                }),
+            )
+            .boxed()
+        })
     };
 
     // Both names the request carries must be allowed: the SNI picks the upstream
@@ -153,19 +234,21 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         Some(sni) => match ctx.policy.allowed(sni) {
             Some(r) => Some(r.to_string()),
             None => {
-                log(403, "deny", "", "sni not allowed");
-                return denied(
-                    sni,
-                    "TLS server name is not in the allowlist",
-                    "host-not-allowed",
+                let reason = "TLS server name is not in the allowlist";
+                return finish(
+                    denied(sni, reason, "host-not-allowed"),
+                    Outcome::deny(reason),
                 );
             }
         },
         None => None,
     };
     let Some(rule) = ctx.policy.allowed(&host).map(|r| r.to_string()) else {
-        log(403, "deny", "", "host not allowed");
-        return denied(&host, "host is not in the allowlist", "host-not-allowed");
+        let reason = "host is not in the allowlist";
+        return finish(
+            denied(&host, reason, "host-not-allowed"),
+            Outcome::deny(reason),
+        );
     };
     let rule = sni_rule.unwrap_or(rule);
 
@@ -175,44 +258,36 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             .tls
             .then(|| conn.sni.clone().unwrap_or_else(|| orig_ip.clone())),
     };
-
-    if is_upgrade(&req) {
-        let client_upgrade = hyper::upgrade::on(&mut req);
-        let resp = match ctx.pool.send_upgrade(&key, req.map(|b| b.boxed())).await {
-            Ok(r) => r,
-            Err(e) => {
-                let r = upstream_failed(&e);
-                log(r.status().as_u16(), "allow", &rule, &crate::error_chain(&e));
-                return r;
-            }
-        };
-        let mut resp = resp;
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((c, u)) => {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                        let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                        debug!(result = ?r, "upgraded connection closed");
-                    }
-                    Err(e) => warn!(error = %e, "upgrade failed"),
-                }
-            });
-        }
-        log(resp.status().as_u16(), "allow", &rule, "");
-        return resp.map(|b| b.boxed());
-    }
-
-    match ctx.pool.send(&key, req.map(|b| b.boxed())).await {
-        Ok(resp) => {
-            log(resp.status().as_u16(), "allow", &rule, "");
-            resp.map(|b| b.boxed())
-        }
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let req = req.map(|b| Counted::new(b.boxed(), bytes_up.clone()).boxed());
+    let sent = if upgrade {
+        ctx.pool.send_upgrade(&key, req).await
+    } else {
+        ctx.pool.send(&key, req).await
+    };
+    let mut resp = match sent {
+        Ok(r) => r,
         Err(e) => {
-            let r = upstream_failed(&e);
-            log(r.status().as_u16(), "allow", &rule, &crate::error_chain(&e));
-            r
+            let mut out = Outcome::allow(&rule);
+            out.error = Some(crate::error_chain(&e));
+            return finish(upstream_failed(&e), out);
         }
+    };
+    if let Some(client_upgrade) =
+        client_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    debug!(result = ?r, "upgraded connection closed");
+                }
+                Err(e) => warn!(error = %e, "upgrade failed"),
+            }
+        });
     }
+    finish(resp.map(|b| b.boxed()), Outcome::allow(&rule))
 }

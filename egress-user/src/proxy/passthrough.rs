@@ -4,14 +4,35 @@
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{prefixed::Prefixed, upstream, ConnMeta};
+use super::{prefixed::Prefixed, upstream, ConnMeta, Ctx};
+use crate::audit::ConnectionRecord;
 
-pub async fn splice(mut client: Prefixed<TcpStream>, meta: &ConnMeta, sni: &str, rule: &str) {
+pub async fn splice(
+    mut client: Prefixed<TcpStream>,
+    meta: &ConnMeta,
+    sni: &str,
+    rule: &str,
+    ctx: &Ctx,
+) {
     let start = std::time::Instant::now();
     let mut up = match upstream::connect_tcp(meta.orig_dst.0).await {
         Ok(s) => s,
         Err(e) => {
-            warn!(sni, rule, error = %crate::error_chain(&e), "passthrough upstream unreachable; connection closed");
+            let error = crate::error_chain(&e);
+            warn!(
+                sni,
+                rule, error, "passthrough upstream unreachable; connection closed"
+            );
+            let rec = ConnectionRecord {
+                sni: Some(sni.to_owned()),
+                decision: "passthrough",
+                rule: rule.to_owned(),
+                tls: "passthrough",
+                duration_ms: start.elapsed().as_millis() as u64,
+                error: Some(error),
+                ..Default::default()
+            };
+            ctx.audit_connection(meta, rec);
             return;
         }
     };
@@ -36,4 +57,16 @@ pub async fn splice(mut client: Prefixed<TcpStream>, meta: &ConnMeta, sni: &str,
         error,
         "connection closed"
     );
+    let rec = ConnectionRecord {
+        sni: Some(sni.to_owned()),
+        decision: "passthrough",
+        rule: rule.to_owned(),
+        tls: "passthrough",
+        bytes_up,
+        bytes_down,
+        duration_ms: start.elapsed().as_millis() as u64,
+        error: (!error.is_empty()).then_some(error),
+        ..Default::default()
+    };
+    ctx.audit_connection(meta, rec);
 }

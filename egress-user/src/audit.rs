@@ -1,0 +1,489 @@
+//! The audit log: one JSON object per line for every request, every passthrough or refused
+//! connection, and every refusal the kernel reports.
+//!
+//! Guarantee: a record handed to [`Audit::record`] is never dropped silently. Records queue
+//! in memory (unbounded, so the data path never blocks on the disk) and a dedicated thread
+//! writes them in order, flushing whenever the queue runs dry. Shutdown ([`Audit::close`])
+//! drains the queue and fsyncs before egress exits. If a write fails (disk full, file
+//! removed), the record is counted in [`Audit::dropped`] and an error is logged with the
+//! running total; nothing else ever discards a record. The file rotates by size:
+//! `audit.jsonl` → `audit.jsonl.1` → … → `audit.jsonl.N`.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc, Arc,
+    },
+    thread::JoinHandle,
+};
+
+use serde::Serialize;
+
+/// Where audit lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    File {
+        path: PathBuf,
+        max_bytes: u64,
+        keep: usize,
+    },
+}
+
+pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
+pub const DEFAULT_KEEP: usize = 5;
+
+/// One audit record. Every variant carries who (sandbox, pid, comm) and where.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Record {
+    Request(RequestRecord),
+    Connection(ConnectionRecord),
+    KernelDeny(KernelRecord),
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestRecord {
+    pub ts: String,
+    pub sandbox: String,
+    pub pid: u32,
+    pub comm: String,
+    pub client: String,
+    pub orig_dst: String,
+    pub sni: Option<String>,
+    pub host: String,
+    pub method: String,
+    /// The path; the query is replaced by `?<redacted>` unless query logging is on.
+    pub path: String,
+    pub status: u16,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+    /// allow, deny, warn.
+    pub decision: &'static str,
+    pub rule: String,
+    pub reason: Option<String>,
+    /// mitm or plain.
+    pub tls: &'static str,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConnectionRecord {
+    pub ts: String,
+    pub sandbox: String,
+    pub pid: u32,
+    pub comm: String,
+    pub client: String,
+    pub orig_dst: String,
+    pub sni: Option<String>,
+    /// passthrough or deny.
+    pub decision: &'static str,
+    pub rule: String,
+    pub reason: Option<String>,
+    pub tls: &'static str,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KernelRecord {
+    pub ts: String,
+    pub sandbox: String,
+    pub pid: u32,
+    pub comm: String,
+    /// tcp, udp or the protocol number.
+    pub protocol: String,
+    pub dst: String,
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+/// Current time as RFC 3339 with milliseconds, UTC.
+pub fn now() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&f).unwrap_or_default()
+}
+
+/// Strips the query unless the operator asked to keep it: queries carry tokens.
+pub fn redact_path(path_and_query: &str, keep_query: bool) -> String {
+    match path_and_query.split_once('?') {
+        Some((p, _)) if !keep_query => format!("{p}?<redacted>"),
+        _ => path_and_query.to_owned(),
+    }
+}
+
+/// Handle to the audit writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Vec<u8>>,
+    dropped: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+}
+
+/// Owns the writer thread; [`Audit::close`] needs it back to drain.
+pub struct AuditWriter {
+    thread: JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open the audit log {path}")]
+pub struct OpenError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+impl Audit {
+    pub fn open(sink: Sink) -> Result<(Audit, AuditWriter), OpenError> {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let mut out = Output::open(&sink)?;
+        let (d, w) = (dropped.clone(), written.clone());
+        let thread = std::thread::Builder::new()
+            .name("egress-audit".into())
+            .spawn(move || {
+                // Block for the first record, then take whatever else is queued before
+                // flushing: one write syscall per burst, not per line.
+                while let Ok(line) = rx.recv() {
+                    out.write(&line, &d, &w);
+                    while let Ok(line) = rx.try_recv() {
+                        out.write(&line, &d, &w);
+                    }
+                    out.flush(&d, &w);
+                }
+                out.sync(&d, &w);
+            })
+            .map_err(|source| OpenError {
+                path: sink_path(&sink),
+                source,
+            })?;
+        Ok((
+            Audit {
+                tx,
+                dropped,
+                written,
+            },
+            AuditWriter { thread },
+        ))
+    }
+
+    /// Queues one record. Never blocks.
+    pub fn record(&self, r: &Record) {
+        let mut line = match serde_json::to_vec(r) {
+            Ok(l) => l,
+            Err(e) => {
+                self.count_dropped(&format!("serialising failed: {e}"));
+                return;
+            }
+        };
+        line.push(b'\n');
+        if self.tx.send(line).is_err() {
+            self.count_dropped("the writer has stopped");
+        }
+    }
+
+    fn count_dropped(&self, why: &str) {
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::error!(dropped_total = n, why, "audit record dropped");
+    }
+
+    /// Records that could not be written.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Drains every queued record to disk and fsyncs. Other clones of the handle must be
+    /// gone (the data path stopped) for the drain to finish; this waits for them.
+    pub fn close(self, writer: AuditWriter) -> u64 {
+        let dropped = self.dropped.clone();
+        drop(self);
+        let _ = writer.thread.join();
+        dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn sink_path(s: &Sink) -> PathBuf {
+    match s {
+        Sink::Stdout => PathBuf::from("-"),
+        Sink::File { path, .. } => path.clone(),
+    }
+}
+
+/// The writer thread's side. Lines gather in `batch` and go out in one write per burst, so
+/// a failed write knows exactly how many lines it lost.
+struct Output {
+    dest: Dest,
+    batch: Vec<u8>,
+    batch_lines: u64,
+}
+
+enum Dest {
+    Stdout(io::Stdout),
+    File {
+        f: File,
+        path: PathBuf,
+        size: u64,
+        max_bytes: u64,
+        keep: usize,
+    },
+}
+
+impl Output {
+    fn open(sink: &Sink) -> Result<Self, OpenError> {
+        let dest = match sink {
+            Sink::Stdout => Dest::Stdout(io::stdout()),
+            Sink::File {
+                path,
+                max_bytes,
+                keep,
+            } => {
+                let f = open_append(path)?;
+                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                Dest::File {
+                    f,
+                    path: path.clone(),
+                    size,
+                    max_bytes: *max_bytes,
+                    keep: *keep,
+                }
+            }
+        };
+        Ok(Output {
+            dest,
+            batch: Vec::with_capacity(64 * 1024),
+            batch_lines: 0,
+        })
+    }
+
+    fn write(&mut self, line: &[u8], dropped: &AtomicU64, written: &AtomicU64) {
+        let pending = self.batch.len() as u64 + line.len() as u64;
+        if let Dest::File {
+            size, max_bytes, ..
+        } = &self.dest
+        {
+            // Rotate before this line would overflow the file, unless the file (and batch)
+            // is empty: a single oversized line still gets written.
+            if (*size > 0 || !self.batch.is_empty()) && *size + pending > *max_bytes {
+                self.flush(dropped, written);
+                if let Dest::File {
+                    f,
+                    path,
+                    size,
+                    keep,
+                    ..
+                } = &mut self.dest
+                {
+                    match rotate(path, *keep) {
+                        Ok(new) => {
+                            *f = new;
+                            *size = 0;
+                        }
+                        Err(e) => tracing::error!(
+                            path = %path.display(),
+                            error = %e,
+                            "audit log rotation failed; appending to the current file"
+                        ),
+                    }
+                }
+            }
+        }
+        self.batch.extend_from_slice(line);
+        self.batch_lines += 1;
+    }
+
+    fn flush(&mut self, dropped: &AtomicU64, written: &AtomicU64) {
+        if self.batch_lines == 0 {
+            return;
+        }
+        let r = match &mut self.dest {
+            Dest::Stdout(s) => s.write_all(&self.batch).and_then(|()| s.flush()),
+            Dest::File { f, size, .. } => {
+                let r = f.write_all(&self.batch);
+                if r.is_ok() {
+                    *size += self.batch.len() as u64;
+                }
+                r
+            }
+        };
+        match r {
+            Ok(()) => {
+                written.fetch_add(self.batch_lines, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let n = dropped.fetch_add(self.batch_lines, Ordering::Relaxed) + self.batch_lines;
+                tracing::error!(dropped_total = n, error = %e, "audit records could not be written");
+            }
+        }
+        self.batch.clear();
+        self.batch_lines = 0;
+    }
+
+    fn sync(&mut self, dropped: &AtomicU64, written: &AtomicU64) {
+        self.flush(dropped, written);
+        if let Dest::File { f, .. } = &self.dest {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, OpenError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| OpenError {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| OpenError {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// `path.{keep-1}` → `path.{keep}`, …, `path` → `path.1`, then a fresh `path`.
+fn rotate(path: &Path, keep: usize) -> io::Result<File> {
+    let numbered = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
+    for n in (1..keep.max(1)).rev() {
+        let from = numbered(n);
+        if from.exists() {
+            std::fs::rename(&from, numbered(n + 1))?;
+        }
+    }
+    std::fs::rename(path, numbered(1))?;
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(i: u64) -> Record {
+        Record::Request(RequestRecord {
+            ts: now(),
+            host: format!("h{i}.example"),
+            status: 200,
+            decision: "allow",
+            tls: "mitm",
+            ..Default::default()
+        })
+    }
+
+    fn tmp(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(name);
+        (d, p)
+    }
+
+    #[test]
+    fn every_record_is_written_in_order_and_close_drains() {
+        let (_d, p) = tmp("audit.jsonl");
+        let (audit, w) = Audit::open(Sink::File {
+            path: p.clone(),
+            max_bytes: DEFAULT_MAX_BYTES,
+            keep: 2,
+        })
+        .unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let a = audit.clone();
+                std::thread::spawn(move || (0..2500).for_each(|i| a.record(&req(t * 10_000 + i))))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(audit.close(w), 0);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 10_000, "no record lost");
+        assert_eq!(lines[0]["event"], "request");
+        for t in 0..4u64 {
+            // Per producer, order is kept.
+            let hosts: Vec<u64> = lines
+                .iter()
+                .filter_map(|l| {
+                    l["host"]
+                        .as_str()?
+                        .strip_prefix('h')?
+                        .split('.')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .filter(|n: &u64| n / 10_000 == t)
+                .collect();
+            assert!(
+                hosts.windows(2).all(|w| w[0] < w[1]),
+                "producer {t} reordered"
+            );
+        }
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_n_files() {
+        let (d, p) = tmp("a.jsonl");
+        let (audit, w) = Audit::open(Sink::File {
+            path: p.clone(),
+            max_bytes: 2000,
+            keep: 2,
+        })
+        .unwrap();
+        for i in 0..100 {
+            audit.record(&req(i));
+        }
+        audit.close(w);
+        let mut total = 0;
+        for name in ["a.jsonl", "a.jsonl.1", "a.jsonl.2"] {
+            let f = d.path().join(name);
+            let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(text.len() <= 2000 + 400, "{name} is {} bytes", text.len());
+            total += text.lines().count();
+        }
+        assert!(
+            !d.path().join("a.jsonl.3").exists(),
+            "keeps only 2 rotated files"
+        );
+        assert!(total < 100, "oldest lines rotate out past `keep`");
+    }
+
+    #[test]
+    fn write_failures_are_counted_not_silent() {
+        // /dev/full fails every write with ENOSPC.
+        let (audit, w) = Audit::open(Sink::File {
+            path: "/dev/full".into(),
+            max_bytes: u64::MAX,
+            keep: 1,
+        })
+        .unwrap();
+        for i in 0..10 {
+            audit.record(&req(i));
+        }
+        let dropped = audit.close(w);
+        assert_eq!(dropped, 10, "every lost record is counted");
+    }
+
+    #[test]
+    fn queries_are_redacted_by_default() {
+        assert_eq!(redact_path("/a?token=x", false), "/a?<redacted>");
+        assert_eq!(redact_path("/a?token=x", true), "/a?token=x");
+        assert_eq!(redact_path("/a", false), "/a");
+    }
+}
