@@ -22,6 +22,8 @@ use std::{
 
 use serde::Serialize;
 
+pub mod view;
+
 /// Where audit lines go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sink {

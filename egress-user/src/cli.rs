@@ -85,6 +85,32 @@ pub enum Command {
     /// Manage the CA that signs intercepted connections' certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Show the audit log for a human: one line per record, filtered.
+    #[command(
+        after_help = "Examples:\n  egress log --decision deny\n  egress log /var/lib/egress/audit.jsonl --sandbox agent --host github.com\n  tail -f /var/lib/egress/audit.jsonl | egress log -"
+    )]
+    Log(LogViewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogViewArgs {
+    /// Audit file to read, or `-` for standard input. Default: audit.jsonl in the confdir.
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    #[arg(long, env = "EGRESS_CONFDIR", default_value = DEFAULT_CONFDIR, value_name = "DIR")]
+    pub confdir: PathBuf,
+    /// Only this sandbox.
+    #[arg(long)]
+    pub sandbox: Option<String>,
+    /// Only this decision: allow, deny, warn, passthrough, error.
+    #[arg(long)]
+    pub decision: Option<String>,
+    /// Only records whose host, SNI or destination contains this text.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only this kind of record: request, connection, kernel_deny.
+    #[arg(long)]
+    pub event: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

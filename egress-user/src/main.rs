@@ -46,6 +46,7 @@ fn main() -> ExitCode {
                 e.exit_code()
             }
         },
+        Command::Log(args) => log_view(args),
         Command::Gc => match app::gc() {
             Ok(removed) => {
                 println!("removed {} dead run(s)", removed.len());
@@ -58,6 +59,39 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(code)
+}
+
+fn log_view(args: egress_user::cli::LogViewArgs) -> u8 {
+    use egress_user::audit::view;
+    let filter = view::Filter {
+        sandbox: args.sandbox,
+        decision: args.decision,
+        host: args.host,
+        event: args.event,
+    };
+    let path = args
+        .file
+        .unwrap_or_else(|| args.confdir.join("audit.jsonl"));
+    let mut out = std::io::stdout().lock();
+    let r = if path.as_os_str() == "-" {
+        view::run(std::io::stdin().lock(), &mut out, &filter)
+    } else {
+        match std::fs::File::open(&path) {
+            Ok(f) => view::run(std::io::BufReader::new(f), &mut out, &filter),
+            Err(e) => {
+                eprintln!("egress: cannot read the audit log {}: {e}", path.display());
+                return exit::USAGE;
+            }
+        }
+    };
+    match r {
+        Ok(_) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!("egress: {e}");
+            exit::SOFTWARE
+        }
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
