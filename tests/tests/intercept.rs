@@ -522,3 +522,25 @@ fn oversized_request_headers_are_refused() {
     assert_eq!(f.stdout, "431", "{f:#?}");
     assert!(s.origin.requests().is_empty());
 }
+
+#[test]
+fn openssl_validates_the_minted_leaf() {
+    let s = site("127.0.34.2");
+    // $SSL_CERT_FILE is the bundle egress wrote for the command.
+    let script = "openssl s_client -connect 127.0.34.2:443 -servername origin.test -verify_hostname origin.test \
+                  -CAfile \"$SSL_CERT_FILE\" </dev/null 2>/dev/null | grep -E '^(issuer|Verify return code)'";
+    let f = Egress::run(&s.args(&["--allow", "origin.test"]), &["sh", "-c", script]).finish();
+    assert!(f.status.success(), "{f:#?}");
+    assert!(
+        f.stdout.contains("issuer=CN = egress CA")
+            || f.stdout.contains("issuer=CN=egress CA")
+            || f.stdout.contains("egress CA"),
+        "{}",
+        f.stdout
+    );
+    assert!(
+        f.stdout.contains("Verify return code: 0 (ok)"),
+        "{}",
+        f.stdout
+    );
+}
