@@ -15,6 +15,7 @@ pub mod gc;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod sandbox;
 pub mod tls;
 
