@@ -17,6 +17,7 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod sandbox;
+pub mod secrets;
 pub mod tls;
 
 /// An error and its sources on one line: `outer: inner: root cause`.
