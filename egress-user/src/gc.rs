@@ -59,6 +59,25 @@ pub fn collect(cgroup_root: &Path, bpffs: &Path) -> Vec<String> {
             }
         }
     }
+    // Per-run files (the CA bundle handed to the command) live in the temp dir.
+    for e in fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = file_name
+            .strip_prefix("egress-")
+            .filter(|n| n.starts_with("run-"))
+        {
+            if !alive(name)
+                && fs::remove_dir_all(e.path()).is_ok()
+                && !removed.iter().any(|r| r == name)
+            {
+                removed.push(name.to_owned());
+            }
+        }
+    }
     // Empty parents are removed too; non-empty ones (live runs) stay.
     let _ = fs::remove_dir(&cg_dir);
     let _ = fs::remove_dir(&pin_dir);
