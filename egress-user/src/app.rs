@@ -65,6 +65,8 @@ pub enum Error {
     UpstreamTls(#[from] tls::upstream::Error),
     #[error(transparent)]
     Audit(#[from] crate::audit::OpenError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::CompileError),
     #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
@@ -83,7 +85,7 @@ impl Error {
             Error::Bpf(bpf::Error::Load(_)) | Error::Bpf(bpf::Error::NotEmbedded) => UNAVAILABLE,
             Error::Sandbox(e) => e.exit_code(),
             // A CA or trust file the operator named that cannot be used is a usage error.
-            Error::Ca(_) | Error::UpstreamTls(_) => USAGE,
+            Error::Ca(_) | Error::UpstreamTls(_) | Error::Policy(_) => USAGE,
             _ => SOFTWARE,
         }
     }
@@ -114,6 +116,7 @@ pub struct Bound {
     conns: TaskTracker,
     ctx: Option<Arc<Ctx>>,
     audit: Option<(Audit, AuditWriter)>,
+    events: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
@@ -138,15 +141,24 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     let (audit, audit_writer) = Audit::open(cfg.audit.clone())?;
     let sandbox_names =
         std::collections::HashMap::from([(RUN_SANDBOX_ID, RUN_SANDBOX_NAME.to_owned())]);
+    let loaded = cfg.policy_file.as_deref().map(crate::reload::stamp);
+    let live = crate::policy::compile(
+        cfg.policy_file.as_deref(),
+        cfg.sandbox.as_deref(),
+        &cfg.flags,
+    )?;
+    let allow_tcp = live.sandbox.tcp.clone();
+    let nothing_allowed = live.sandbox.allow.is_empty() && live.sandbox.passthrough.is_empty();
+    let policy = Arc::new(arc_swap::ArcSwap::from_pointee(live));
     let ctx = Arc::new(Ctx {
-        policy: Arc::new(cfg.policy.clone()),
+        policy: policy.clone(),
         leaves,
         pool: Pool::new(upstream, Arc::new(h1_only)),
         audit: audit.clone(),
         audit_query: cfg.audit_query,
         sandbox_names: sandbox_names.clone(),
     });
-    if cfg.policy.allow.is_empty() && cfg.policy.passthrough.is_empty() {
+    if nothing_allowed {
         warn!(
             "no --allow or --passthrough given: every HTTP(S) request will be refused with a 403"
         );
@@ -188,10 +200,12 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     let table = Arc::new(table);
     let stats = Arc::new(Stats::default());
     let conns = TaskTracker::new();
-    let mut tasks = vec![tokio::spawn(log_exit(
+    let (stop_events, stop_rx) = tokio::sync::oneshot::channel();
+    let events_task = tokio::spawn(log_exit(
         "kernel events",
-        events::run(ring, audit.clone(), sandbox_names),
-    ))];
+        events::run(ring, audit.clone(), sandbox_names, stop_rx),
+    ));
+    let mut tasks = Vec::new();
     for l in std::iter::once(l4).chain(l6) {
         tasks.push(tokio::spawn(log_exit(
             "proxy listener",
@@ -214,8 +228,27 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         listen4: v4(listen4),
         listen6: v6,
         intercept_ports: cfg.intercept_ports.clone(),
-        allow_tcp: cfg.allow_tcp.clone(),
+        allow_tcp: allow_tcp.clone(),
     };
+    if let Some(path) = cfg.policy_file.clone() {
+        let (name, flags) = (cfg.sandbox.clone(), cfg.flags.clone());
+        let load = move |p: &Path| crate::policy::compile(Some(p), name.as_deref(), &flags);
+        let kernel_tcp = allow_tcp.clone();
+        let on_swap = move |new: &crate::policy::LivePolicy| {
+            if new.sandbox.tcp != kernel_tcp {
+                warn!(
+                    "the reloaded policy changes `tcp` allowances; those apply from the next start"
+                );
+            }
+        };
+        tasks.push(tokio::spawn(crate::reload::watch(
+            path,
+            loaded.flatten(),
+            policy,
+            load,
+            on_swap,
+        )));
+    }
     let registration =
         kernel.register(cgroup.path(), cgroup.id(), &spec, &pin_dir.join("sandbox"))?;
     info!(
@@ -225,7 +258,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         %listen6,
         isolate_net = cfg.isolate_net,
         intercept_ports = ?cfg.intercept_ports,
-        allow_tcp = ?cfg.allow_tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        allow_tcp = ?allow_tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "sandbox ready"
     );
     Ok(Bound {
@@ -243,6 +276,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         conns,
         ctx: Some(ctx),
         audit: Some((audit, audit_writer)),
+        events: Some((stop_events, events_task)),
     })
 }
 
@@ -309,6 +343,13 @@ impl Bound {
         if let Some(reg) = self.registration.take() {
             self.kernel.unregister(reg);
         }
+        // Refusals the kernel reported before the cgroup died are still in the ring buffer.
+        if let Some((stop, task)) = self.events.take() {
+            let _ = stop.send(());
+            if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
+                warn!("kernel event reader did not finish draining");
+            }
+        }
         // Every task holding an audit handle is gone now; drain and fsync the audit log.
         drop(self.ctx.take());
         if let Some((audit, writer)) = self.audit.take() {
@@ -337,6 +378,7 @@ pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
         bound.netns(),
         &cfg.user,
         &bound.env,
+        cfg.policy_file.is_some(),
     )
     .await;
     bound.shutdown().await;
@@ -380,4 +422,25 @@ pub fn ca(cmd: crate::cli::CaCommand) -> Result<String, Error> {
         CaCommand::Path(_) => format!("{}\n", path.display()),
         CaCommand::Fingerprint(_) => format!("{}\n", ca.fingerprint_sha256()),
     })
+}
+
+/// `egress policy check FILE`: a one-line summary, or the error (exit 64).
+pub fn policy_check(path: &Path) -> Result<String, Error> {
+    let f = crate::policy::file::load(path).map_err(crate::policy::CompileError::from)?;
+    let names: Vec<String> = f
+        .sandboxes
+        .values()
+        .map(|s| {
+            format!(
+                "{} ({} allow, {} deny, {} passthrough, {} rules, {} secrets)",
+                s.name,
+                s.allow.len(),
+                s.deny.len(),
+                s.passthrough.len(),
+                s.rules.len(),
+                s.secrets.len()
+            )
+        })
+        .collect();
+    Ok(format!("{}: ok: {}\n", path.display(), names.join("; ")))
 }

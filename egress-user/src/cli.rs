@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::policy::{HostPattern, HostPolicy, TcpAllow};
+use crate::policy::{HostPattern, IpNet, PolicyFlags, TcpAllow};
 
 const TOP_EXAMPLES: &str = "\
 Examples:
@@ -85,6 +85,9 @@ pub enum Command {
     /// Manage the CA that signs intercepted connections' certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Show the audit log for a human: one line per record, filtered.
     #[command(
         after_help = "Examples:\n  egress log --decision deny\n  egress log /var/lib/egress/audit.jsonl --sandbox agent --host github.com\n  tail -f /var/lib/egress/audit.jsonl | egress log -"
@@ -160,9 +163,30 @@ pub struct TlsArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Policy file (TOML). Changes to it, or SIGHUP, reload it for new requests; see
+    /// `egress policy check`.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Which sandbox of the policy file to apply (needed when it defines several).
+    #[arg(long, value_name = "NAME", requires = "policy")]
+    pub sandbox: Option<String>,
     /// Let requests to this host through the proxy (repeatable). Everything else gets a 403.
     #[arg(long, value_name = "HOST")]
     pub allow: Vec<HostPattern>,
+    /// Refuse this host even if allowed (repeatable; deny wins).
+    #[arg(long, value_name = "HOST")]
+    pub deny: Vec<HostPattern>,
+    /// Warn mode: log what would be refused, and let it through.
+    #[arg(long)]
+    pub warn: bool,
+    /// Turn off a guard that is on by default: `private-ranges` (refuse loopback,
+    /// link-local, metadata and private destinations) or `domain-fronting` (refuse requests
+    /// whose TLS server name and Host differ). Repeatable.
+    #[arg(long = "no-guard", value_name = "GUARD", value_enum)]
+    pub no_guard: Vec<GuardName>,
+    /// Destinations exempt from the private-range guard, e.g. 10.0.0.0/8 (repeatable).
+    #[arg(long = "private-ok", value_name = "CIDR")]
+    pub private_ok: Vec<IpNet>,
     /// Splice TLS to this host without decrypting it (repeatable); the client sees the real
     /// certificate.
     #[arg(long, value_name = "HOST")]
@@ -192,6 +216,21 @@ pub struct RunArgs {
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuardName {
+    PrivateRanges,
+    DomainFronting,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file: prints its sandboxes, or one error with line and column (exit 64).
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// The user the sandboxed command runs as.
@@ -259,7 +298,9 @@ impl TlsArgs {
 /// A validated `egress run`.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub policy: HostPolicy,
+    pub policy_file: Option<PathBuf>,
+    pub sandbox: Option<String>,
+    pub flags: PolicyFlags,
     pub tls: TlsConfig,
     pub audit: crate::audit::Sink,
     pub audit_query: bool,
@@ -312,9 +353,17 @@ impl RunArgs {
         }
         let user = resolve_user(self.user.as_deref())?;
         Ok(RunConfig {
-            policy: HostPolicy {
+            policy_file: self.policy,
+            sandbox: self.sandbox,
+            flags: PolicyFlags {
                 allow: self.allow,
+                deny: self.deny,
                 passthrough: self.passthrough,
+                tcp: allow_tcp.clone(),
+                private_ok: self.private_ok,
+                warn: self.warn,
+                no_private_guard: self.no_guard.contains(&GuardName::PrivateRanges),
+                no_fronting_guard: self.no_guard.contains(&GuardName::DomainFronting),
             },
             audit: self.audit.sink(&self.tls.confdir),
             audit_query: self.audit.audit_query,

@@ -42,11 +42,13 @@ fn describe(kind: u32) -> &'static str {
     }
 }
 
-/// Logs and audits every kernel event until the task is dropped.
+/// Logs and audits every kernel event until `stop` fires; then drains what is already in
+/// the ring buffer, so that no refusal reported before shutdown is lost.
 pub async fn run(
     ring: RingBuf<MapData>,
     audit: Audit,
     names: std::collections::HashMap<u32, String>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
     // the AsyncFd (and so the registration) lives.
@@ -54,48 +56,65 @@ pub async fn run(
     let mut fd =
         unsafe { AsyncFd::register(ring) }.map_err(|e| std::io::Error::other(e.to_string()))?;
     loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match decode(&item) {
-                Some(ev) => {
-                    let dst = SocketAddr::new(addr::ip_from_mapped_words(&ev.addr), ev.port as u16);
-                    audit.record(&Record::KernelDeny(KernelRecord {
-                        ts: crate::audit::now(),
-                        sandbox: names
-                            .get(&ev.sandbox)
-                            .cloned()
-                            .unwrap_or_else(|| ev.sandbox.to_string()),
-                        pid: ev.tgid,
-                        comm: addr::comm(&ev.comm),
-                        protocol: match ev.protocol {
-                            6 => "tcp".into(),
-                            17 => "udp".into(),
-                            p => p.to_string(),
-                        },
-                        dst: dst.to_string(),
-                        decision: if ev.kind == EventKind::RecordFailed as u32 {
-                            "error"
-                        } else {
-                            "deny"
-                        },
-                        reason: describe(ev.kind),
-                    }));
-                    tracing::warn!(
-                        target: "egress::kernel",
-                        sandbox = ev.sandbox,
-                        pid = ev.tgid,
-                        comm = %addr::comm(&ev.comm),
-                        protocol = ev.protocol,
-                        dst = %dst,
-                        "{}",
-                        describe(ev.kind)
-                    );
-                }
-                None => tracing::error!(len = item.len(), "malformed kernel event"),
+        let stopping = tokio::select! {
+            r = fd.readable_mut() => {
+                let mut guard = r?;
+                drain(guard.get_inner_mut(), &audit, &names);
+                guard.clear_ready();
+                false
             }
+            _ = &mut stop => true,
+        };
+        if stopping {
+            drain(fd.get_mut(), &audit, &names);
+            return Ok(());
         }
-        guard.clear_ready();
+    }
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    audit: &Audit,
+    names: &std::collections::HashMap<u32, String>,
+) {
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Some(ev) => {
+                let dst = SocketAddr::new(addr::ip_from_mapped_words(&ev.addr), ev.port as u16);
+                audit.record(&Record::KernelDeny(KernelRecord {
+                    ts: crate::audit::now(),
+                    sandbox: names
+                        .get(&ev.sandbox)
+                        .cloned()
+                        .unwrap_or_else(|| ev.sandbox.to_string()),
+                    pid: ev.tgid,
+                    comm: addr::comm(&ev.comm),
+                    protocol: match ev.protocol {
+                        6 => "tcp".into(),
+                        17 => "udp".into(),
+                        p => p.to_string(),
+                    },
+                    dst: dst.to_string(),
+                    decision: if ev.kind == EventKind::RecordFailed as u32 {
+                        "error"
+                    } else {
+                        "deny"
+                    },
+                    reason: describe(ev.kind),
+                }));
+                tracing::warn!(
+                    target: "egress::kernel",
+                    sandbox = ev.sandbox,
+                    pid = ev.tgid,
+                    comm = %addr::comm(&ev.comm),
+                    protocol = ev.protocol,
+                    dst = %dst,
+                    "{}",
+                    describe(ev.kind)
+                );
+            }
+            None => tracing::error!(len = item.len(), "malformed kernel event"),
+        }
     }
 }
 

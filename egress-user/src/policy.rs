@@ -5,6 +5,7 @@
 //! A [`HostPolicy`] is compiled once and never changes; the data path only reads it.
 
 use std::{fmt, net::IpAddr, str::FromStr};
+pub mod file;
 
 /// One host pattern.
 ///
@@ -133,35 +134,144 @@ pub fn normalize_host(raw: &str) -> String {
     h.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// Where the proxy lets a sandbox go, compiled from `--allow` and `--passthrough`.
+/// Policy flags of `egress run`, applied on top of the policy file (or alone).
 #[derive(Clone, Debug, Default)]
-pub struct HostPolicy {
+pub struct PolicyFlags {
     pub allow: Vec<HostPattern>,
+    pub deny: Vec<HostPattern>,
     pub passthrough: Vec<HostPattern>,
+    pub tcp: Vec<TcpAllow>,
+    pub private_ok: Vec<IpNet>,
+    pub warn: bool,
+    pub no_private_guard: bool,
+    pub no_fronting_guard: bool,
 }
 
-/// What to do with a TLS connection once its SNI is known.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TlsAction {
-    /// Splice bytes, no decryption: the client sees the upstream's real certificate.
-    Passthrough { rule: String },
-    /// Terminate TLS and look at each request (which may still be refused with a 403).
-    Intercept,
+/// What the data path consults: one sandbox's compiled policy and its loaded secrets.
+/// Immutable; a reload builds a new one and swaps it in.
+#[derive(Debug)]
+pub struct LivePolicy {
+    pub sandbox: file::SandboxPolicy,
+    pub secrets: crate::secrets::Secrets,
 }
 
-impl HostPolicy {
-    pub fn tls_action(&self, host: &str) -> TlsAction {
-        match self.passthrough.iter().find(|p| p.matches(host)) {
-            Some(p) => TlsAction::Passthrough {
-                rule: p.to_string(),
-            },
-            None => TlsAction::Intercept,
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    File(#[from] file::PolicyError),
+    #[error("{path}: no sandbox named {name:?} (it has: {have})")]
+    NoSuchSandbox {
+        path: std::path::PathBuf,
+        name: String,
+        have: String,
+    },
+    #[error("{path}: it defines several sandboxes ({have}); pick one with --sandbox")]
+    Ambiguous {
+        path: std::path::PathBuf,
+        have: String,
+    },
+    #[error("secret {placeholder}")]
+    Secret {
+        placeholder: String,
+        #[source]
+        source: crate::secrets::SecretError,
+    },
+}
+
+/// Builds the live policy of sandbox `name` from `file` (if any) plus `flags`, loading
+/// secret values from egress's own environment and files.
+pub fn compile(
+    path: Option<&std::path::Path>,
+    name: Option<&str>,
+    flags: &PolicyFlags,
+) -> Result<LivePolicy, CompileError> {
+    let mut sandbox = match path {
+        None => file::SandboxPolicy {
+            name: name.unwrap_or("run").to_owned(),
+            mode: file::Mode::Enforce,
+            guards: file::Guards::default(),
+            allow: vec![],
+            deny: vec![],
+            passthrough: vec![],
+            tcp: vec![],
+            private_ok: vec![],
+            rules: vec![],
+            secrets: vec![],
+        },
+        Some(path) => {
+            let mut f = file::load(path)?;
+            let have = f.sandboxes.keys().cloned().collect::<Vec<_>>().join(", ");
+            let key = match name {
+                Some(n) => n.to_owned(),
+                None if f.sandboxes.len() == 1 => {
+                    f.sandboxes.keys().next().cloned().unwrap_or_default()
+                }
+                None => {
+                    return Err(CompileError::Ambiguous {
+                        path: path.to_owned(),
+                        have,
+                    })
+                }
+            };
+            match f.sandboxes.remove(&key) {
+                Some(s) => s,
+                None => {
+                    return Err(CompileError::NoSuchSandbox {
+                        path: path.to_owned(),
+                        name: key,
+                        have,
+                    });
+                }
+            }
         }
+    };
+    sandbox.merge_flags(&flags.allow, &flags.deny, &flags.passthrough);
+    sandbox.tcp.extend(flags.tcp.iter().copied());
+    sandbox.private_ok.extend(flags.private_ok.iter().copied());
+    if flags.warn {
+        sandbox.mode = file::Mode::Warn;
     }
+    if flags.no_private_guard {
+        sandbox.guards.private_ranges = false;
+    }
+    if flags.no_fronting_guard {
+        sandbox.guards.domain_fronting = false;
+    }
+    let mut secrets = Vec::new();
+    for spec in &sandbox.secrets {
+        let err = |source| CompileError::Secret {
+            placeholder: spec.placeholder.clone(),
+            source,
+        };
+        let value = match &spec.source {
+            file::SecretSource::Env(var) => crate::secrets::SecretValue::from_env(var),
+            file::SecretSource::File(p) => crate::secrets::SecretValue::from_file(p),
+        }
+        .map_err(err)?;
+        secrets.push(
+            crate::secrets::Secret::new(spec.placeholder.clone(), value, spec.hosts.clone())
+                .map_err(err)?,
+        );
+    }
+    let secrets = crate::secrets::Secrets::new(secrets).map_err(|source| CompileError::Secret {
+        placeholder: "(all)".into(),
+        source,
+    })?;
+    Ok(LivePolicy { sandbox, secrets })
+}
 
-    /// The allow rule that admits `host`, if any. Default deny.
-    pub fn allowed(&self, host: &str) -> Option<&HostPattern> {
-        self.allow.iter().find(|p| p.matches(host))
+impl FromStr for IpNet {
+    type Err = HostPatternError;
+
+    /// `10.0.0.0/8`, `fd00::/8`, or a single address.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<HostPattern>() {
+            Ok(HostPattern::Net(n)) => Ok(n),
+            _ => Err(HostPatternError {
+                input: s.to_owned(),
+                why: "not an IP address or CIDR",
+            }),
+        }
     }
 }
 
@@ -341,23 +451,6 @@ mod tests {
         assert_eq!(normalize_host("example.com."), "example.com");
         assert_eq!(normalize_host("[::1]:8443"), "::1");
         assert_eq!(normalize_host("::1"), "::1");
-    }
-
-    #[test]
-    fn passthrough_wins_for_tls_and_allow_is_default_deny() {
-        let p = HostPolicy {
-            allow: vec![pat("api.example.com")],
-            passthrough: vec![pat("*.bank.com")],
-        };
-        assert_eq!(
-            p.tls_action("www.bank.com"),
-            TlsAction::Passthrough {
-                rule: "*.bank.com".into()
-            }
-        );
-        assert_eq!(p.tls_action("api.example.com"), TlsAction::Intercept);
-        assert!(p.allowed("api.example.com").is_some());
-        assert!(p.allowed("other.example.com").is_none());
     }
 
     #[test]

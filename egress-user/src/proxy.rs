@@ -8,6 +8,7 @@
 //! Then: a TLS ClientHello goes to [`passthrough`] (SNI on the passthrough list) or
 //! [`mitm`]; plain HTTP goes straight to [`http`]; anything else is refused.
 
+pub mod decide;
 pub mod http;
 pub mod metered;
 pub mod mitm;
@@ -31,7 +32,7 @@ use crate::{
     audit::{Audit, ConnectionRecord, Record},
     bpf::OrigDstTable,
     netns,
-    policy::{HostPolicy, TlsAction},
+    policy::{file::HostDecision, LivePolicy},
     tls::mint::LeafCache,
 };
 
@@ -49,7 +50,8 @@ const MAX_SNIFF_BYTES: usize = sniff::MAX_CLIENT_HELLO + 64;
 
 /// Everything the data path shares, immutable once built.
 pub struct Ctx {
-    pub policy: Arc<HostPolicy>,
+    /// The current policy; a reload swaps it, requests in flight keep the one they loaded.
+    pub policy: Arc<arc_swap::ArcSwap<LivePolicy>>,
     pub leaves: Arc<LeafCache>,
     pub pool: upstream::Pool,
     pub audit: Audit,
@@ -231,11 +233,30 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
                 .sni
                 .clone()
                 .unwrap_or_else(|| meta.orig_dst.0.ip().to_string());
-            match ctx.policy.tls_action(&name) {
-                TlsAction::Passthrough { rule } => {
+            let live = ctx.policy.load_full();
+            match live.sandbox.host_decision(&name) {
+                HostDecision::Passthrough { rule } => {
+                    if let Some(reason) =
+                        decide::connection_refusal(&live.sandbox, meta.orig_dst.0.ip())
+                    {
+                        warn!(sni = %name, reason, "passthrough connection refused");
+                        let rec = ConnectionRecord {
+                            sni: Some(name.clone()),
+                            decision: "deny",
+                            rule,
+                            reason: Some(reason),
+                            tls: "passthrough",
+                            ..Default::default()
+                        };
+                        ctx.audit_connection(&meta, rec);
+                        return;
+                    }
                     passthrough::splice(stream, &meta, &name, &rule, &ctx).await
                 }
-                TlsAction::Intercept => mitm::intercept(stream, ctx, meta, hello).await,
+                // Denied names are intercepted too, so that the client gets a readable 403.
+                HostDecision::Allow { .. } | HostDecision::Deny { .. } => {
+                    mitm::intercept(stream, ctx, meta, hello).await
+                }
             }
         }
         sniff::Sniff::Http => {

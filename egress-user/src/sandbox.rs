@@ -47,7 +47,8 @@ const FORWARDED: &[SignalKind] = &[
     SignalKind::user_defined2(),
 ];
 
-/// Spawns `argv` inside `cgroup` and waits for it, forwarding signals.
+/// Spawns `argv` inside `cgroup` and waits for it, forwarding signals. With `keep_hup`,
+/// SIGHUP is egress's own (policy reload) and is not passed on.
 #[allow(unsafe_code)]
 pub async fn run(
     argv: &[std::ffi::OsString],
@@ -55,6 +56,7 @@ pub async fn run(
     netns: Option<&NetNs>,
     user: &SandboxUser,
     env: &[(String, String)],
+    keep_hup: bool,
 ) -> Result<ExitStatus, Error> {
     let procs = cgroup.procs_file()?;
     let procs_fd = procs.as_raw_fd();
@@ -105,7 +107,10 @@ pub async fn run(
     tracing::info!(pid, user = %user.name, uid, cgroup = %cgroup.path().display(), "command started");
 
     let mut streams = Vec::new();
-    for &kind in FORWARDED {
+    for &kind in FORWARDED
+        .iter()
+        .filter(|k| !(keep_hup && **k == SignalKind::hangup()))
+    {
         streams.push((kind, signal(kind).map_err(Error::Wait)?));
     }
     loop {

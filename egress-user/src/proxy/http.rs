@@ -23,13 +23,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
 
 use super::{
+    decide,
     metered::{Counted, Reported},
-    upstream::{Body, PoolKey},
+    upstream::{Body, BoxError, PoolKey},
     ConnMeta, Ctx,
 };
 use crate::{
     audit::{self, Record, RequestRecord},
     policy::normalize_host,
+    secrets,
 };
 
 /// Per client connection: who it is and how it arrived.
@@ -81,7 +83,7 @@ fn full(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// The 403 a refused request gets: JSON naming the host and why, plus `X-Egress-Denied`.
-pub fn denied(host: &str, reason: &'static str, code: &'static str) -> Response<Body> {
+pub fn denied(host: &str, reason: &str, code: &'static str) -> Response<Body> {
     let body = serde_json::json!({ "error": "egress_denied", "host": host, "reason": reason });
     let mut r = full(
         StatusCode::FORBIDDEN,
@@ -126,15 +128,6 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn allow(rule: &str) -> Self {
-        Outcome {
-            decision: "allow",
-            rule: rule.to_owned(),
-            reason: None,
-            error: None,
-        }
-    }
-
     fn deny(reason: &str) -> Self {
         Outcome {
             decision: "deny",
@@ -228,29 +221,75 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         })
     };
 
-    // Both names the request carries must be allowed: the SNI picks the upstream
-    // connection, the Host the virtual host.
-    let sni_rule = match &conn.sni {
-        Some(sni) => match ctx.policy.allowed(sni) {
-            Some(r) => Some(r.to_string()),
-            None => {
-                let reason = "TLS server name is not in the allowlist";
-                return finish(
-                    denied(sni, reason, "host-not-allowed"),
-                    Outcome::deny(reason),
-                );
+    let live = ctx.policy.load_full();
+    let verdict = decide::request(
+        &live.sandbox,
+        conn.sni.as_deref(),
+        &host,
+        req.method(),
+        req.uri().path(),
+        meta.orig_dst.0.ip(),
+    );
+    if verdict.denied() {
+        let reason = verdict.reason.clone().unwrap_or_default();
+        let shown = if verdict.code == "host-not-allowed" {
+            conn.sni.as_deref().unwrap_or(&host)
+        } else {
+            &host
+        };
+        let out = Outcome {
+            decision: "deny",
+            rule: verdict.rule,
+            reason: Some(reason.clone()),
+            error: None,
+        };
+        return finish(denied(shown, &reason, verdict.code), out);
+    }
+    let rule = verdict.rule.clone();
+    let outcome = || Outcome {
+        decision: verdict.decision,
+        rule: rule.clone(),
+        reason: verdict.reason.clone(),
+        error: None,
+    };
+
+    if let Some(r) = verdict.host_rule {
+        let h = req.headers_mut();
+        for name in &r.remove_headers {
+            h.remove(name);
+        }
+        for (name, value) in &r.set_headers {
+            h.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &r.add_headers {
+            h.append(name.clone(), value.clone());
+        }
+    }
+
+    // Secrets: placeholders become real values toward authorized hosts only; a placeholder
+    // or a real value bound anywhere else is refused, whatever the mode.
+    let plan = live.secrets.plan(&host);
+    let (mut parts, body) = req.into_parts();
+    let mut violation = None;
+    if !plan.is_noop() {
+        match plan.apply_head(&mut parts) {
+            Ok(_) => {}
+            Err(secrets::ApplyError::Violation(v)) => {
+                let reason = v.to_string();
+                let out = Outcome::deny(&reason);
+                return finish(denied(&host, &reason, "secret-not-authorized"), out);
             }
-        },
-        None => None,
-    };
-    let Some(rule) = ctx.policy.allowed(&host).map(|r| r.to_string()) else {
-        let reason = "host is not in the allowlist";
-        return finish(
-            denied(&host, reason, "host-not-allowed"),
-            Outcome::deny(reason),
-        );
-    };
-    let rule = sni_rule.unwrap_or(rule);
+            Err(e) => {
+                let reason = e.to_string();
+                let out = Outcome::deny(&reason);
+                return finish(denied(&host, &reason, "secret-substitution-failed"), out);
+            }
+        }
+        if plan.rewrites_body() {
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
+    }
+    let mut req = Request::from_parts(parts, body);
 
     let key = PoolKey {
         dst: meta.orig_dst.0,
@@ -260,7 +299,16 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
     };
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let req = req.map(|b| Counted::new(b.boxed(), bytes_up.clone()).boxed());
+    let req = req.map(|b| {
+        let counted = Counted::new(b.map_err(BoxError::from).boxed(), bytes_up.clone());
+        if plan.is_noop() {
+            counted.boxed()
+        } else {
+            let scanned = plan.wrap_body(counted);
+            violation = Some(scanned.violation_handle());
+            scanned.boxed()
+        }
+    });
     let sent = if upgrade {
         ctx.pool.send_upgrade(&key, req).await
     } else {
@@ -269,7 +317,14 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
     let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {
-            let mut out = Outcome::allow(&rule);
+            // A body that broke off because it carried a secret is a refusal, not an
+            // upstream failure.
+            if let Some(v) = violation.as_ref().and_then(|h| h.get()) {
+                let reason = v.to_string();
+                let out = Outcome::deny(&reason);
+                return finish(denied(&host, &reason, "secret-not-authorized"), out);
+            }
+            let mut out = outcome();
             out.error = Some(crate::error_chain(&e));
             return finish(upstream_failed(&e), out);
         }
@@ -289,5 +344,5 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             }
         });
     }
-    finish(resp.map(|b| b.boxed()), Outcome::allow(&rule))
+    finish(resp.map(|b| b.map_err(BoxError::from).boxed()), outcome())
 }

@@ -1,0 +1,1694 @@
+//! The policy file: a TOML document naming each sandbox and what it may reach, compiled once
+//! into an immutable [`PolicyFile`], plus the pure decision helpers the proxy asks per
+//! connection and per request.
+//!
+//! Parsing happens in two steps. Serde fills private `Raw*` structs whose values are all
+//! [`toml::Spanned`], so that a value found wrong only later (a bad host pattern, a bad
+//! method, a secret with both `env` and `file`) is still reported at its own line and
+//! column. Compiling then checks every value and builds the public types. Every error is
+//! one [`PolicyError`] reading `path:line:column: key: message`.
+//!
+//! `[defaults]` takes the same keys as a sandbox. Lists are concatenated (the sandbox's own
+//! entries first, so its rules are tried before the defaults' rules); scalars (`mode`, each
+//! guard) are taken from the sandbox when it sets them; a secret the sandbox defines under
+//! the same placeholder replaces the default one.
+
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use http::{HeaderName, HeaderValue, Method};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{normalize_host, HostPattern, IpNet, TcpAllow};
+
+/// Why a policy file could not be loaded. Both variants are the operator's doing; the
+/// binary exits with EX_USAGE.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A syntax error, a value of the wrong type or shape, or a value that does not
+    /// compile. `key` is the dotted key path (`sandbox.agent.rule[0].methods[1]`), `None`
+    /// when the document is not even valid TOML.
+    #[error(
+        "{}:{line}:{column}: {}: {message}",
+        path.display(),
+        key.as_deref().unwrap_or("-")
+    )]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        key: Option<String>,
+        message: String,
+    },
+}
+
+/// Every sandbox of one policy file, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyFile {
+    pub sandboxes: BTreeMap<String, SandboxPolicy>,
+}
+
+/// `warn` lets refused traffic through and only records that it would have been refused:
+/// for writing a policy against a running agent before enforcing it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Warn,
+}
+
+/// Checks that apply whatever the lists say. Both are on unless turned off explicitly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Guards {
+    /// Refuse loopback, link-local, metadata and private destinations
+    /// ([`is_guarded_address`]) unless `private_ok` names them.
+    pub private_ranges: bool,
+    /// Refuse a request whose Host differs from the TLS server name.
+    pub domain_fronting: bool,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Self {
+            private_ranges: true,
+            domain_fronting: true,
+        }
+    }
+}
+
+/// One sandbox's compiled policy. Host lists are default deny: a host must match `allow`
+/// or `passthrough`, and a match in `deny` refuses it whatever else matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxPolicy {
+    pub name: String,
+    pub mode: Mode,
+    pub guards: Guards,
+    pub allow: Vec<HostPattern>,
+    pub deny: Vec<HostPattern>,
+    /// Spliced, not decrypted; also allowed.
+    pub passthrough: Vec<HostPattern>,
+    /// Direct (non-proxied) TCP, enforced in the kernel.
+    pub tcp: Vec<TcpAllow>,
+    /// Destinations exempt from the private-range guard.
+    pub private_ok: Vec<IpNet>,
+    /// Tried in order; the first whose `host` matches decides.
+    pub rules: Vec<HostRule>,
+    pub secrets: Vec<SecretSpec>,
+}
+
+/// Per-host refinements of an allowed host. A rule never admits a host on its own: the host
+/// must still pass the host lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostRule {
+    pub host: HostPattern,
+    /// `None`: every method.
+    pub methods: Option<Vec<Method>>,
+    /// `None`: every path.
+    pub paths: Option<Vec<PathGlob>>,
+    pub set_headers: Vec<(HeaderName, HeaderValue)>,
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
+    pub remove_headers: Vec<HeaderName>,
+    /// Position in [`SandboxPolicy::rules`]; the sandbox's own rules come before those from
+    /// `[defaults]`.
+    pub index: usize,
+}
+
+/// A compiled path glob: `*` is any run of characters other than `/`, `**` any run at all
+/// (including `/` and nothing), `?` one character other than `/`; everything else is
+/// literal. So `/api/**` matches `/api/` and `/api/x/y` but not `/api`: list `/api` too if
+/// it is wanted.
+///
+/// Paths are compared as sent, without percent-decoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathGlob {
+    source: String,
+    tokens: Vec<Token>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Token {
+    Literal(String),
+    /// `?`
+    One,
+    /// `*`
+    Segment,
+    /// `**`
+    Any,
+}
+
+/// Where the egress process reads a secret's real value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    /// An environment variable of the egress process.
+    Env(String),
+    /// A file; its trailing newline is not part of the value.
+    File(PathBuf),
+}
+
+/// A secret as the policy file declares it. Reading the value is left to whoever loads it,
+/// so that compiling a policy never touches secret material.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretSpec {
+    pub placeholder: String,
+    pub source: SecretSource,
+    pub hosts: Vec<HostPattern>,
+}
+
+/// What the host lists say about a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostDecision {
+    /// `rule` is the deny pattern that matched, or empty when nothing did.
+    Deny {
+        reason: &'static str,
+        rule: String,
+    },
+    Passthrough {
+        rule: String,
+    },
+    Allow {
+        rule: String,
+    },
+}
+
+/// What the policy says about one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestDecision<'p> {
+    /// `rule`: the host rule that applies (its header edits are for the caller to make).
+    Allow {
+        rule: Option<&'p HostRule>,
+    },
+    Deny {
+        reason: String,
+        rule: String,
+    },
+}
+
+/// Reads and compiles the policy file at `path`.
+pub fn load(path: &Path) -> Result<PolicyFile, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Compiles a policy document; `path` is only used to name the file in errors.
+pub fn parse(text: &str, path: &Path) -> Result<PolicyFile, PolicyError> {
+    let src = Source { text, path };
+    let raw: RawFile = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+    src.compile(raw)
+}
+
+/// 1-based line and column of byte offset `byte` in `text`. Columns count characters, not
+/// bytes, as editors do. An offset past the end or inside a character is moved back to the
+/// nearest character start.
+pub fn line_col(text: &str, byte: usize) -> (usize, usize) {
+    let mut b = byte.min(text.len());
+    while !text.is_char_boundary(b) {
+        b -= 1;
+    }
+    let before = &text[..b];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Destinations a sandbox must not reach by accident: loopback, link-local (including the
+/// cloud metadata endpoints 169.254.169.254 and fd00:ec2::254), RFC 1918, CGNAT, unique
+/// local, unspecified, and the same addresses written as IPv4-mapped or NAT64 IPv6.
+pub fn is_guarded_address(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => guarded_v4(v4),
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            let [.., a, b, c, d] = v6.octets();
+            // A DNS64 resolver can hand out 64:ff9b::a9fe:a9fe, which a NAT64 gateway turns
+            // back into 169.254.169.254.
+            let nat64 = seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (nat64 && guarded_v4(Ipv4Addr::new(a, b, c, d)))
+        }
+    }
+}
+
+fn guarded_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    // 0.0.0.0/8 as a whole: Linux delivers 0.0.0.0 to the local host.
+    a == 0
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_private()
+        || (a == 100 && (b & 0xc0) == 64)
+}
+
+impl SandboxPolicy {
+    /// The host lists' verdict for `host` (an SNI or Host value; normalized here). Deny
+    /// first, then passthrough, then allow; nothing matching is a deny.
+    pub fn host_decision(&self, host: &str) -> HostDecision {
+        let host = normalize_host(host);
+        let find = |list: &[HostPattern]| {
+            list.iter()
+                .find(|p| p.matches(&host))
+                .map(|p| p.to_string())
+        };
+        if let Some(rule) = find(&self.deny) {
+            return HostDecision::Deny {
+                reason: "host is on the deny list",
+                rule,
+            };
+        }
+        if let Some(rule) = find(&self.passthrough) {
+            return HostDecision::Passthrough { rule };
+        }
+        if let Some(rule) = find(&self.allow) {
+            return HostDecision::Allow { rule };
+        }
+        HostDecision::Deny {
+            reason: "host is not in the allowlist",
+            rule: String::new(),
+        }
+    }
+
+    /// The verdict for one request: the host lists, then the first host rule matching
+    /// `host`. `path` may carry a query string; it is ignored.
+    pub fn request_decision(&self, host: &str, method: &Method, path: &str) -> RequestDecision<'_> {
+        if let HostDecision::Deny { reason, rule } = self.host_decision(host) {
+            return RequestDecision::Deny {
+                reason: reason.to_owned(),
+                rule,
+            };
+        }
+        let host = normalize_host(host);
+        let Some(rule) = self.rules.iter().find(|r| r.host.matches(&host)) else {
+            return RequestDecision::Allow { rule: None };
+        };
+        let deny = |what: String| RequestDecision::Deny {
+            reason: format!("{what} not allowed by rule {} ({})", rule.index, rule.host),
+            rule: format!("rule {} ({})", rule.index, rule.host),
+        };
+        if let Some(methods) = &rule.methods {
+            if !methods.contains(method) {
+                return deny(format!("method {method}"));
+            }
+        }
+        if let Some(globs) = &rule.paths {
+            let path = path.split(['?', '#']).next().unwrap_or_default();
+            // The upstream resolves `..` before routing, so `/api/../admin` would pass a
+            // `/api/**` glob and reach `/admin`.
+            if path.split('/').any(is_dot_segment) {
+                return deny(format!("path {path} (dot segments)"));
+            }
+            if !globs.iter().any(|g| g.matches(path)) {
+                return deny(format!("path {path}"));
+            }
+        }
+        RequestDecision::Allow { rule: Some(rule) }
+    }
+
+    /// Whether `private_ok` exempts `ip` from the private-range guard.
+    pub fn private_ok(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.private_ok.iter().any(|n| n.contains(ip))
+    }
+
+    /// Adds command-line patterns to the file's lists. A flag can widen `allow` but never
+    /// lift a `deny`: deny is still checked first.
+    pub fn merge_flags(
+        &mut self,
+        allow: &[HostPattern],
+        deny: &[HostPattern],
+        passthrough: &[HostPattern],
+    ) {
+        for (list, extra) in [
+            (&mut self.allow, allow),
+            (&mut self.deny, deny),
+            (&mut self.passthrough, passthrough),
+        ] {
+            for p in extra {
+                if !list.contains(p) {
+                    list.push(p.clone());
+                }
+            }
+        }
+    }
+}
+
+/// `.` or `..`, also percent-encoded (`%2e`), which servers decode before resolving.
+fn is_dot_segment(seg: &str) -> bool {
+    let rest = strip_dot(seg);
+    rest.is_some_and(|r| r.is_empty() || strip_dot(r) == Some(""))
+}
+
+fn strip_dot(s: &str) -> Option<&str> {
+    s.strip_prefix('.').or_else(|| {
+        let head = s.get(..3)?;
+        head.eq_ignore_ascii_case("%2e").then(|| &s[3..])
+    })
+}
+
+impl PathGlob {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') {
+            return Err(format!("path glob {s:?} must start with `/`"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || *c == '#')
+        {
+            return Err(format!(
+                "path glob {s:?} contains {c:?}, which cannot appear in a request path"
+            ));
+        }
+        let mut tokens = Vec::new();
+        let mut literal = String::new();
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            let token = match c {
+                '?' => Token::One,
+                '*' => {
+                    let mut stars = 1;
+                    while chars.next_if_eq(&'*').is_some() {
+                        stars += 1;
+                    }
+                    match stars {
+                        1 => Token::Segment,
+                        2 => Token::Any,
+                        _ => return Err(format!("path glob {s:?} has `***`; use `*` or `**`")),
+                    }
+                }
+                c => {
+                    literal.push(c);
+                    continue;
+                }
+            };
+            if !literal.is_empty() {
+                tokens.push(Token::Literal(std::mem::take(&mut literal)));
+            }
+            tokens.push(token);
+        }
+        if !literal.is_empty() {
+            tokens.push(Token::Literal(literal));
+        }
+        Ok(Self {
+            source: s.to_owned(),
+            tokens,
+        })
+    }
+
+    /// Whether `path` (no query string) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        // Set of positions in `path` the tokens so far can end at, advanced one token at a
+        // time: linear in tokens × length, with no backtracking blow-up on `**` chains.
+        let bytes = path.as_bytes();
+        let n = bytes.len();
+        let mut cur = vec![false; n + 1];
+        let mut next = vec![false; n + 1];
+        cur[0] = true;
+        for token in &self.tokens {
+            next.fill(false);
+            match token {
+                Token::Literal(lit) => {
+                    for i in (0..=n).filter(|&i| cur[i]) {
+                        if bytes[i..].starts_with(lit.as_bytes()) {
+                            next[i + lit.len()] = true;
+                        }
+                    }
+                }
+                Token::One => {
+                    for i in (0..n).filter(|&i| cur[i] && bytes[i] != b'/') {
+                        let width = path[i..].chars().next().map_or(1, char::len_utf8);
+                        next[i + width] = true;
+                    }
+                }
+                Token::Segment | Token::Any => {
+                    let mut reached = false;
+                    for j in 0..=n {
+                        reached |= cur[j];
+                        next[j] = reached && path.is_char_boundary(j);
+                        if *token == Token::Segment && bytes.get(j) == Some(&b'/') {
+                            reached = false;
+                        }
+                    }
+                }
+            }
+            std::mem::swap(&mut cur, &mut next);
+            if !cur.contains(&true) {
+                return false;
+            }
+        }
+        cur[n]
+    }
+}
+
+impl fmt::Display for PathGlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+// ---- The document as serde sees it. ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    defaults: Option<RawSandbox>,
+    sandbox: Option<Spanned<BTreeMap<Spanned<String>, Spanned<RawSandbox>>>>,
+}
+
+type Strings = Vec<Spanned<String>>;
+type StringMap = BTreeMap<Spanned<String>, Spanned<String>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    mode: Option<Mode>,
+    guards: Option<RawGuards>,
+    #[serde(default)]
+    allow: Strings,
+    #[serde(default)]
+    deny: Strings,
+    #[serde(default)]
+    passthrough: Strings,
+    #[serde(default)]
+    tcp: Strings,
+    #[serde(default)]
+    private_ok: Strings,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    secrets: BTreeMap<Spanned<String>, Spanned<RawSecret>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuards {
+    private_ranges: Option<bool>,
+    domain_fronting: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    host: Spanned<String>,
+    methods: Option<Spanned<Strings>>,
+    paths: Option<Spanned<Strings>>,
+    #[serde(default)]
+    set_headers: StringMap,
+    #[serde(default)]
+    add_headers: StringMap,
+    #[serde(default)]
+    remove_headers: Strings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+    hosts: Option<Spanned<Strings>>,
+}
+
+// ---- Compiling. ----
+
+/// The document being compiled, for turning byte spans into `path:line:column`.
+struct Source<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+/// One sandbox (or `[defaults]`) compiled on its own, before the two are merged.
+struct Parts {
+    mode: Option<Mode>,
+    private_ranges: Option<bool>,
+    domain_fronting: Option<bool>,
+    allow: Vec<HostPattern>,
+    deny: Vec<HostPattern>,
+    passthrough: Vec<HostPattern>,
+    tcp: Vec<TcpAllow>,
+    private_ok: Vec<IpNet>,
+    rules: Vec<HostRule>,
+    secrets: Vec<SecretSpec>,
+}
+
+/// Headers whose editing would break message framing or routing; the proxy owns them.
+const PROXY_OWNED_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+impl Source<'_> {
+    fn error(
+        &self,
+        span: Range<usize>,
+        key: Option<String>,
+        message: impl Into<String>,
+    ) -> PolicyError {
+        let (line, column) = line_col(self.text, span.start);
+        PolicyError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            column,
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, value: &Spanned<T>, key: String, message: impl Into<String>) -> PolicyError {
+        self.error(value.span(), Some(key), message)
+    }
+
+    /// toml's own errors carry a span but no key path: recover the key from the parsed
+    /// document ([`key_at`]). A document that does not parse has no keys to name.
+    fn toml_error(&self, e: &toml::de::Error) -> PolicyError {
+        let span = e.span().unwrap_or(0..0);
+        let key = toml::de::DeTable::parse(self.text)
+            .ok()
+            .and_then(|doc| key_at(doc.get_ref(), span.start));
+        self.error(span, key, e.message())
+    }
+
+    fn compile(&self, raw: RawFile) -> Result<PolicyFile, PolicyError> {
+        let defaults = match raw.defaults {
+            Some(d) => Some(self.parts(d, "defaults")?),
+            None => None,
+        };
+        let no_sandbox =
+            "no sandbox defined; add one, e.g. [sandbox.agent] with allow = [\"pypi.org\"]";
+        let Some(sandboxes) = raw.sandbox else {
+            return Err(self.error(0..0, Some("sandbox".into()), no_sandbox));
+        };
+        if sandboxes.get_ref().is_empty() {
+            return Err(self.at(&sandboxes, "sandbox".into(), no_sandbox));
+        }
+        let mut out = BTreeMap::new();
+        for (name, raw) in in_document_order(sandboxes.into_inner()) {
+            let key = child("sandbox", name.get_ref());
+            check_name(name.get_ref()).map_err(|m| self.at(&name, key.clone(), m))?;
+            let parts = self.parts(raw.into_inner(), &key)?;
+            let name = name.into_inner();
+            out.insert(name.clone(), merge(name, parts, defaults.as_ref()));
+        }
+        Ok(PolicyFile { sandboxes: out })
+    }
+
+    fn parts(&self, raw: RawSandbox, key: &str) -> Result<Parts, PolicyError> {
+        let guards = raw.guards.unwrap_or(RawGuards {
+            private_ranges: None,
+            domain_fronting: None,
+        });
+        let hosts = |list: Strings, name: &str| {
+            self.list(list, &child(key, name), |s| {
+                s.parse::<HostPattern>().map_err(|e| e.to_string())
+            })
+        };
+        Ok(Parts {
+            mode: raw.mode,
+            private_ranges: guards.private_ranges,
+            domain_fronting: guards.domain_fronting,
+            allow: hosts(raw.allow, "allow")?,
+            deny: hosts(raw.deny, "deny")?,
+            passthrough: hosts(raw.passthrough, "passthrough")?,
+            tcp: self.list(raw.tcp, &child(key, "tcp"), |s| {
+                s.parse::<TcpAllow>().map_err(|e| e.to_string())
+            })?,
+            private_ok: self.list(raw.private_ok, &child(key, "private_ok"), parse_net)?,
+            rules: raw
+                .rule
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| self.rule(r.into_inner(), &index(&child(key, "rule"), i)))
+                .collect::<Result<_, _>>()?,
+            secrets: in_document_order(raw.secrets)
+                .map(|(placeholder, s)| self.secret(placeholder, s, &child(key, "secrets")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Compiles each string of a list, naming `key[i]` and the string's own position on error.
+    fn list<T>(
+        &self,
+        list: Strings,
+        key: &str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, PolicyError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, s)| f(s.get_ref()).map_err(|m| self.at(s, index(key, i), m)))
+            .collect()
+    }
+
+    fn rule(&self, raw: RawRule, key: &str) -> Result<HostRule, PolicyError> {
+        let host = raw
+            .host
+            .get_ref()
+            .parse::<HostPattern>()
+            .map_err(|e| self.at(&raw.host, child(key, "host"), e.to_string()))?;
+        let methods = match raw.methods {
+            Some(m) => Some(self.non_empty_list(
+                m,
+                &child(key, "methods"),
+                "empty list; leave `methods` out to allow every method",
+                parse_method,
+            )?),
+            None => None,
+        };
+        let paths = match raw.paths {
+            Some(p) => Some(self.non_empty_list(
+                p,
+                &child(key, "paths"),
+                "empty list; leave `paths` out to allow every path",
+                PathGlob::parse,
+            )?),
+            None => None,
+        };
+        let set_headers = self.headers(raw.set_headers, &child(key, "set_headers"))?;
+        let add_headers = self.headers(raw.add_headers, &child(key, "add_headers"))?;
+        let remove_headers = self.list(
+            raw.remove_headers,
+            &child(key, "remove_headers"),
+            parse_header_name,
+        )?;
+        Ok(HostRule {
+            host,
+            methods,
+            paths,
+            set_headers,
+            add_headers,
+            remove_headers,
+            // Set by `merge`, once the defaults' rules have been appended.
+            index: 0,
+        })
+    }
+
+    /// A list that must not be empty when present: for `methods` and `paths` an empty list
+    /// would refuse everything, which is never what was meant.
+    fn non_empty_list<T>(
+        &self,
+        list: Spanned<Strings>,
+        key: &str,
+        if_empty: &str,
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, PolicyError> {
+        if list.get_ref().is_empty() {
+            return Err(self.at(&list, key.to_owned(), if_empty));
+        }
+        self.list(list.into_inner(), key, f)
+    }
+
+    fn headers(
+        &self,
+        raw: StringMap,
+        key: &str,
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, PolicyError> {
+        in_document_order(raw)
+            .map(|(name, value)| {
+                let key = child(key, name.get_ref());
+                let n = parse_header_name(name.get_ref()).map_err(|m| self.at(&name, key.clone(), m))?;
+                let v = HeaderValue::from_str(value.get_ref()).map_err(|_| {
+                    self.at(
+                        &value,
+                        key,
+                        format!(
+                            "{:?} is not a valid HTTP header value (visible ASCII, spaces and tabs only)",
+                            value.get_ref()
+                        ),
+                    )
+                })?;
+                Ok((n, v))
+            })
+            .collect()
+    }
+
+    fn secret(
+        &self,
+        placeholder: Spanned<String>,
+        raw: Spanned<RawSecret>,
+        key: &str,
+    ) -> Result<SecretSpec, PolicyError> {
+        let key = child(key, placeholder.get_ref());
+        check_placeholder(placeholder.get_ref())
+            .map_err(|m| self.at(&placeholder, key.clone(), m))?;
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let source = match (raw.env, raw.file) {
+            (Some(env), Some(file)) => {
+                // Point at whichever comes second: that is the line to delete.
+                let (later, name) = if file.span().start > env.span().start {
+                    (file, "file")
+                } else {
+                    (env, "env")
+                };
+                return Err(self.at(&later, child(&key, name), "set either `env` or `file`, not both"));
+            }
+            (Some(env), None) => {
+                let name = env.get_ref();
+                if name.is_empty() || name.contains(['=', '\0']) {
+                    return Err(self.at(&env, child(&key, "env"), format!("{name:?} is not an environment variable name")));
+                }
+                SecretSource::Env(name.clone())
+            }
+            (None, Some(file)) => {
+                let p = Path::new(file.get_ref());
+                // Relative to what? The proxy's working directory is rarely what the
+                // author of the file had in mind.
+                if !p.is_absolute() {
+                    return Err(self.at(&file, child(&key, "file"), format!("{p:?} is not an absolute path")));
+                }
+                SecretSource::File(p.to_owned())
+            }
+            (None, None) => {
+                return Err(self.error(
+                    span,
+                    Some(key),
+                    "needs `env` (an environment variable of the egress process) or `file` (a file it reads)",
+                ))
+            }
+        };
+        let Some(hosts) = raw.hosts else {
+            return Err(self.error(
+                span,
+                Some(child(&key, "hosts")),
+                "missing; list the hosts this secret may be sent to, e.g. hosts = [\"api.openai.com\"]",
+            ));
+        };
+        let hosts = self.non_empty_list(
+            hosts,
+            &child(&key, "hosts"),
+            "empty list; a secret needs at least one host it may be sent to",
+            |s| match s.parse::<HostPattern>() {
+                Ok(HostPattern::Any) => Err(
+                    "a secret sent to every host (`*`) protects nothing; name its hosts".to_owned(),
+                ),
+                Ok(p) => Ok(p),
+                Err(e) => Err(e.to_string()),
+            },
+        )?;
+        Ok(SecretSpec {
+            placeholder: placeholder.into_inner(),
+            source,
+            hosts,
+        })
+    }
+}
+
+fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
+    fn cat<T: Clone>(own: Vec<T>, default: Option<&Vec<T>>) -> Vec<T> {
+        let mut v = own;
+        v.extend(default.into_iter().flatten().cloned());
+        v
+    }
+    let d = defaults;
+    let guards = Guards {
+        private_ranges: own
+            .private_ranges
+            .or(d.and_then(|d| d.private_ranges))
+            .unwrap_or(true),
+        domain_fronting: own
+            .domain_fronting
+            .or(d.and_then(|d| d.domain_fronting))
+            .unwrap_or(true),
+    };
+    let mut rules = cat(own.rules, d.map(|d| &d.rules));
+    for (i, r) in rules.iter_mut().enumerate() {
+        r.index = i;
+    }
+    let mut secrets = own.secrets;
+    let inherited: Vec<_> = d
+        .map(|d| &d.secrets)
+        .into_iter()
+        .flatten()
+        .filter(|s| !secrets.iter().any(|o| o.placeholder == s.placeholder))
+        .cloned()
+        .collect();
+    secrets.extend(inherited);
+    SandboxPolicy {
+        name,
+        mode: own.mode.or(d.and_then(|d| d.mode)).unwrap_or_default(),
+        guards,
+        allow: cat(own.allow, d.map(|d| &d.allow)),
+        deny: cat(own.deny, d.map(|d| &d.deny)),
+        passthrough: cat(own.passthrough, d.map(|d| &d.passthrough)),
+        tcp: cat(own.tcp, d.map(|d| &d.tcp)),
+        private_ok: cat(own.private_ok, d.map(|d| &d.private_ok)),
+        rules,
+        secrets,
+    }
+}
+
+/// Map entries sorted by where they sit in the file, so that the first error reported is
+/// the first one in the file.
+fn in_document_order<V>(
+    map: BTreeMap<Spanned<String>, V>,
+) -> impl Iterator<Item = (Spanned<String>, V)> {
+    let mut v: Vec<_> = map.into_iter().collect();
+    v.sort_by_key(|(k, _)| k.span().start);
+    v.into_iter()
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    ok.then_some(())
+        .ok_or_else(|| format!("{name:?} is not a sandbox name: 1 to 64 of a-z, 0-9, `_` and `-`"))
+}
+
+fn check_placeholder(p: &str) -> Result<(), String> {
+    let ok =
+        (8..=128).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    ok.then_some(()).ok_or_else(|| {
+        format!("{p:?} is not a placeholder: 8 to 128 of A-Z, a-z, 0-9 and `_`, e.g. EGRESS_SECRET_OPENAI")
+    })
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    match s.parse::<HostPattern>() {
+        Ok(HostPattern::Net(n)) => Ok(n),
+        _ => Err(format!(
+            "{s:?} is not an IP address or CIDR; examples: 10.0.0.0/8, 192.0.2.7, fd00::/8"
+        )),
+    }
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    // RFC 9110 token characters, minus lowercase: methods are case-sensitive and a
+    // lowercase `get` in a policy is a typo that would never match.
+    let tchar =
+        |b: u8| b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if s.is_empty() || !s.bytes().all(tchar) {
+        return Err(format!(
+            "{s:?} is not an uppercase HTTP method token, e.g. GET, POST"
+        ));
+    }
+    Method::from_bytes(s.as_bytes()).map_err(|e| format!("{s:?} is not an HTTP method: {e}"))
+}
+
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    let name = HeaderName::from_bytes(s.as_bytes())
+        .map_err(|_| format!("{s:?} is not a valid HTTP header name"))?;
+    if PROXY_OWNED_HEADERS.contains(&name.as_str()) {
+        return Err(format!(
+            "{name} is managed by the proxy (message framing or routing) and cannot be edited"
+        ));
+    }
+    Ok(name)
+}
+
+/// `prefix.key`, quoting a key that is not a bare TOML key so the path can be pasted back.
+fn child(prefix: &str, key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let key: Cow<'_, str> = if bare {
+        key.into()
+    } else {
+        format!("{key:?}").into()
+    };
+    if prefix.is_empty() {
+        key.into_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn index(prefix: &str, i: usize) -> String {
+    format!("{prefix}[{i}]")
+}
+
+/// The dotted path of the key, or failing that of the innermost value, whose span holds
+/// `offset`. Keys are tried first because some table spans are wider than the table: one
+/// opened by a `[header]` spans the header, which also holds its keys, and one created
+/// implicitly (`sandbox` in `[sandbox.agent]`) spans its key.
+fn key_at(doc: &toml::de::DeTable<'_>, offset: usize) -> Option<String> {
+    walk_table(doc, offset, "", Look::Keys).or_else(|| walk_table(doc, offset, "", Look::Values))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    Keys,
+    Values,
+}
+
+/// Every entry is searched, not only those whose span holds the offset: a header's span
+/// does not cover the entries below it.
+fn walk_table(
+    table: &toml::de::DeTable<'_>,
+    offset: usize,
+    prefix: &str,
+    look: Look,
+) -> Option<String> {
+    table.iter().find_map(|(k, v)| {
+        let path = child(prefix, k.get_ref());
+        if look == Look::Keys && k.span().contains(&offset) {
+            return Some(path);
+        }
+        walk_value(v, offset, path, look)
+    })
+}
+
+fn walk_value(
+    value: &Spanned<toml::de::DeValue<'_>>,
+    offset: usize,
+    path: String,
+    look: Look,
+) -> Option<String> {
+    let inner = match value.get_ref() {
+        toml::de::DeValue::Table(t) => walk_table(t, offset, &path, look),
+        toml::de::DeValue::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| walk_value(v, offset, index(&path, i), look)),
+        _ => None,
+    };
+    inner.or_else(|| (look == Look::Values && value.span().contains(&offset)).then_some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../tests/policy_files/example.toml");
+
+    fn compile(text: &str) -> PolicyFile {
+        parse(text, Path::new("policy.toml"))
+            .unwrap_or_else(|e| panic!("policy should compile: {e}"))
+    }
+
+    fn agent(text: &str) -> SandboxPolicy {
+        compile(text)
+            .sandboxes
+            .remove("agent")
+            .expect("sandbox agent is defined")
+    }
+
+    fn pats(list: &[&str]) -> Vec<HostPattern> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// The one error `text` must produce, as displayed.
+    fn error(text: &str) -> String {
+        match parse(text, Path::new("p.toml")) {
+            Ok(_) => panic!("policy should have been refused:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn assert_error(text: &str, prefix: &str, contains: &str) {
+        let e = error(text);
+        assert!(e.starts_with(prefix), "expected {prefix:?}..., got {e:?}");
+        assert!(e.contains(contains), "expected {contains:?} in {e:?}");
+    }
+
+    #[test]
+    fn the_documented_example_compiles() {
+        let file =
+            load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policy_files/example.toml"))
+                .unwrap_or_else(|e| panic!("example policy should load: {e}"));
+        let a = &file.sandboxes["agent"];
+        assert_eq!(a.name, "agent");
+        assert_eq!(a.mode, Mode::Warn);
+        assert_eq!(
+            a.guards,
+            Guards {
+                private_ranges: false,
+                domain_fronting: true
+            }
+        );
+        assert_eq!(
+            a.allow,
+            pats(&[
+                "pypi.org",
+                "*.pythonhosted.org",
+                "10.1.2.3",
+                "192.168.0.0/16"
+            ])
+        );
+        assert_eq!(a.deny, pats(&["upload.pypi.org"]));
+        assert_eq!(a.passthrough, pats(&["bank.example"]));
+        let tcp: Vec<String> = a.tcp.iter().map(ToString::to_string).collect();
+        assert_eq!(tcp, ["10.0.0.0/8:5432", "[2001:db8::/32]:22"]);
+        assert_eq!(
+            a.private_ok,
+            [IpNet {
+                addr: "10.0.0.0".parse().unwrap(),
+                prefix: 8
+            }]
+        );
+        let r = &a.rules[0];
+        assert_eq!(r.host.to_string(), "github.com");
+        assert_eq!(r.methods, Some(vec![Method::GET, Method::HEAD]));
+        let paths: Vec<String> = r.paths.iter().flatten().map(ToString::to_string).collect();
+        assert_eq!(
+            paths,
+            ["/*/*.git/info/refs", "/*/*.git/git-upload-pack", "/api/**"]
+        );
+        assert_eq!(
+            r.set_headers,
+            [(
+                HeaderName::from_static("x-egress-sandbox"),
+                HeaderValue::from_static("agent")
+            )]
+        );
+        assert_eq!(
+            r.add_headers,
+            [(
+                HeaderName::from_static("x-trace"),
+                HeaderValue::from_static("1")
+            )]
+        );
+        assert_eq!(r.remove_headers, [http::header::AUTHORIZATION]);
+        assert_eq!(
+            a.secrets,
+            [SecretSpec {
+                placeholder: "EGRESS_SECRET_OPENAI".into(),
+                source: SecretSource::Env("OPENAI_API_KEY".into()),
+                hosts: pats(&["api.openai.com"]),
+            }]
+        );
+        assert_eq!(compile(EXAMPLE), file, "parse and load agree");
+    }
+
+    #[test]
+    fn minimal_sandbox_gets_the_defaults() {
+        let a = agent("[sandbox.agent]\n");
+        assert_eq!(a.mode, Mode::Enforce);
+        assert_eq!(a.guards, Guards::default());
+        assert!(a.guards.private_ranges && a.guards.domain_fronting);
+        assert_eq!(
+            a.host_decision("pypi.org"),
+            HostDecision::Deny {
+                reason: "host is not in the allowlist",
+                rule: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_concatenate_lists_and_yield_scalars_to_the_sandbox() {
+        let f = compile(
+            r#"
+[defaults]
+mode = "warn"
+guards = { domain_fronting = false, private_ranges = false }
+allow = ["pypi.org"]
+[[defaults.rule]]
+host = "*"
+methods = ["GET"]
+[defaults.secrets.EGRESS_SECRET_A]
+env = "A"
+hosts = ["a.example"]
+[defaults.secrets.EGRESS_SECRET_B]
+env = "B"
+hosts = ["b.example"]
+
+[sandbox.strict]
+mode = "enforce"
+guards = { private_ranges = true }
+allow = ["github.com"]
+[[sandbox.strict.rule]]
+host = "github.com"
+paths = ["/**"]
+[sandbox.strict.secrets.EGRESS_SECRET_A]
+file = "/etc/a"
+hosts = ["a.example"]
+
+[sandbox.loose]
+"#,
+        );
+        let s = &f.sandboxes["strict"];
+        assert_eq!(s.mode, Mode::Enforce);
+        assert_eq!(
+            s.guards,
+            Guards {
+                private_ranges: true,
+                domain_fronting: false
+            }
+        );
+        assert_eq!(s.allow, pats(&["github.com", "pypi.org"]));
+        let rules: Vec<_> = s
+            .rules
+            .iter()
+            .map(|r| (r.index, r.host.to_string()))
+            .collect();
+        assert_eq!(
+            rules,
+            [(0, "github.com".into()), (1, "*".into())],
+            "own rules first"
+        );
+        let secrets: Vec<_> = s
+            .secrets
+            .iter()
+            .map(|s| (s.placeholder.as_str(), &s.source))
+            .collect();
+        assert_eq!(
+            secrets,
+            [
+                ("EGRESS_SECRET_A", &SecretSource::File("/etc/a".into())),
+                ("EGRESS_SECRET_B", &SecretSource::Env("B".into())),
+            ],
+            "the sandbox's secret replaces the default of the same name"
+        );
+        let l = &f.sandboxes["loose"];
+        assert_eq!(l.mode, Mode::Warn);
+        assert_eq!(
+            l.guards,
+            Guards {
+                private_ranges: false,
+                domain_fronting: false
+            }
+        );
+        assert_eq!(l.allow, pats(&["pypi.org"]));
+    }
+
+    #[test]
+    fn wildcards_do_not_match_the_apex() {
+        let a = agent("[sandbox.agent]\nallow = [\"*.example.com\"]\n");
+        assert_eq!(
+            a.host_decision("api.example.com"),
+            HostDecision::Allow {
+                rule: "*.example.com".into()
+            }
+        );
+        assert!(matches!(
+            a.host_decision("example.com"),
+            HostDecision::Deny { .. }
+        ));
+        assert!(
+            matches!(
+                a.host_decision("API.Example.com:443"),
+                HostDecision::Allow { .. }
+            ),
+            "hosts are normalized before matching"
+        );
+    }
+
+    #[test]
+    fn deny_beats_allow_and_passthrough() {
+        let a = agent(
+            "[sandbox.agent]\nallow = [\"*\"]\npassthrough = [\"*.bank.example\"]\ndeny = [\"upload.pypi.org\", \"evil.bank.example\"]\n",
+        );
+        assert_eq!(
+            a.host_decision("upload.pypi.org"),
+            HostDecision::Deny {
+                reason: "host is on the deny list",
+                rule: "upload.pypi.org".into()
+            }
+        );
+        assert!(matches!(
+            a.host_decision("evil.bank.example"),
+            HostDecision::Deny { .. }
+        ));
+        assert_eq!(
+            a.host_decision("www.bank.example"),
+            HostDecision::Passthrough {
+                rule: "*.bank.example".into()
+            }
+        );
+        assert_eq!(
+            a.host_decision("pypi.org"),
+            HostDecision::Allow { rule: "*".into() }
+        );
+        let r = a.request_decision("upload.pypi.org", &Method::GET, "/");
+        assert!(matches!(r, RequestDecision::Deny { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn passthrough_alone_admits_a_host() {
+        let a = agent("[sandbox.agent]\npassthrough = [\"bank.example\"]\n");
+        assert_eq!(
+            a.host_decision("bank.example"),
+            HostDecision::Passthrough {
+                rule: "bank.example".into()
+            }
+        );
+        assert_eq!(
+            a.request_decision("bank.example", &Method::POST, "/"),
+            RequestDecision::Allow { rule: None }
+        );
+    }
+
+    #[test]
+    fn merged_flags_extend_the_lists_but_cannot_lift_a_deny() {
+        let mut a = agent("[sandbox.agent]\ndeny = [\"evil.example\"]\n");
+        a.merge_flags(
+            &pats(&["*"]),
+            &pats(&["also-evil.example"]),
+            &pats(&["bank.example"]),
+        );
+        a.merge_flags(&pats(&["*"]), &[], &[]);
+        assert_eq!(a.allow, pats(&["*"]), "no duplicates");
+        assert!(matches!(
+            a.host_decision("evil.example"),
+            HostDecision::Deny { .. }
+        ));
+        assert!(matches!(
+            a.host_decision("also-evil.example"),
+            HostDecision::Deny { .. }
+        ));
+        assert!(matches!(
+            a.host_decision("bank.example"),
+            HostDecision::Passthrough { .. }
+        ));
+        assert!(matches!(
+            a.host_decision("pypi.org"),
+            HostDecision::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn the_first_matching_rule_restricts_methods_and_paths() {
+        let a = agent(
+            r#"
+[sandbox.agent]
+allow = ["github.com", "*.github.com", "pypi.org"]
+[[sandbox.agent.rule]]
+host = "github.com"
+methods = ["GET", "HEAD"]
+paths = ["/*/*.git/info/refs", "/api/**"]
+[[sandbox.agent.rule]]
+host = "*.github.com"
+methods = ["GET"]
+[[sandbox.agent.rule]]
+host = "github.com"
+methods = ["POST"]
+"#,
+        );
+        let ok = |host, m: Method, path| match a.request_decision(host, &m, path) {
+            RequestDecision::Allow { rule } => rule.map(|r| r.index),
+            RequestDecision::Deny { reason, .. } => {
+                panic!("{m} {host}{path} should pass: {reason}")
+            }
+        };
+        let denied = |host, m: Method, path| match a.request_decision(host, &m, path) {
+            RequestDecision::Allow { .. } => panic!("{m} {host}{path} should be refused"),
+            RequestDecision::Deny { reason, rule } => format!("{rule}: {reason}"),
+        };
+        assert_eq!(
+            ok(
+                "github.com",
+                Method::GET,
+                "/o/r.git/info/refs?service=git-upload-pack"
+            ),
+            Some(0)
+        );
+        assert_eq!(ok("github.com", Method::HEAD, "/api/repos/o/r"), Some(0));
+        assert_eq!(ok("api.github.com", Method::GET, "/anything"), Some(1));
+        assert_eq!(
+            ok("pypi.org", Method::DELETE, "/x"),
+            None,
+            "no rule: the host lists decide"
+        );
+        assert_eq!(
+            denied("github.com", Method::POST, "/api/x"),
+            "rule 0 (github.com): method POST not allowed by rule 0 (github.com)",
+            "the first matching rule decides, not a later one that would allow"
+        );
+        assert_eq!(
+            denied("github.com", Method::GET, "/o/r/issues"),
+            "rule 0 (github.com): path /o/r/issues not allowed by rule 0 (github.com)"
+        );
+        assert!(denied("github.com", Method::GET, "/api/../admin").contains("dot segments"));
+        assert!(denied("github.com", Method::GET, "/api/%2E%2e/admin").contains("dot segments"));
+        assert!(denied("api.github.com", Method::PUT, "/").contains("rule 1 (*.github.com)"));
+        assert_eq!(
+            denied("gitlab.com", Method::GET, "/"),
+            ": host is not in the allowlist",
+            "rules never admit a host by themselves"
+        );
+    }
+
+    #[test]
+    fn dot_segments() {
+        for seg in [".", "..", "%2e", "%2E.", ".%2e", "%2e%2E"] {
+            assert!(is_dot_segment(seg), "{seg}");
+        }
+        for seg in ["", "...", ".git", "a.", "%2", "%2ex", "%"] {
+            assert!(!is_dot_segment(seg), "{seg}");
+        }
+    }
+
+    #[test]
+    fn private_ok_and_guarded_addresses() {
+        let a = agent("[sandbox.agent]\nprivate_ok = [\"10.0.0.0/8\", \"fd00::1\"]\n");
+        assert!(a.private_ok("10.9.8.7".parse().unwrap()));
+        assert!(
+            a.private_ok("::ffff:10.9.8.7".parse().unwrap()),
+            "v4-mapped counts"
+        );
+        assert!(a.private_ok("fd00::1".parse().unwrap()));
+        assert!(!a.private_ok("fd00::2".parse().unwrap()));
+        assert!(!a.private_ok("192.168.1.1".parse().unwrap()));
+
+        for ip in [
+            "127.0.0.1",
+            "127.255.0.9",
+            "0.0.0.0",
+            "169.254.169.254",
+            "169.254.1.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "febf::1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.1.2.3",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(
+                is_guarded_address(ip.parse().unwrap()),
+                "{ip} should be guarded"
+            );
+        }
+        for ip in [
+            "1.1.1.1",
+            "172.32.0.1",
+            "172.15.255.255",
+            "100.128.0.1",
+            "100.63.255.255",
+            "192.169.0.1",
+            "2606:4700::1111",
+            "fec0::1",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
+            assert!(
+                !is_guarded_address(ip.parse().unwrap()),
+                "{ip} should not be guarded"
+            );
+        }
+    }
+
+    #[test]
+    fn glob_single_star_stays_in_one_segment() {
+        let g = PathGlob::parse("/*/*.git/info/refs").unwrap();
+        assert!(g.matches("/o/r.git/info/refs"));
+        assert!(g.matches("/o/.git/info/refs"), "`*` may be empty");
+        assert!(!g.matches("/o/p/r.git/info/refs"));
+        assert!(!g.matches("/o/rxgit/info/refs"), "`.` is literal");
+        assert!(!g.matches("/o/r.git/info/refs/x"));
+        let g = PathGlob::parse("/a*b").unwrap();
+        assert!(g.matches("/ab") && g.matches("/axxb") && !g.matches("/ax/b"));
+    }
+
+    #[test]
+    fn glob_double_star_crosses_segments() {
+        let g = PathGlob::parse("/api/**").unwrap();
+        assert!(g.matches("/api/"), "documented: `**` may be empty");
+        assert!(g.matches("/api/x"));
+        assert!(g.matches("/api/x/y"));
+        assert!(!g.matches("/api"), "documented: list /api separately");
+        assert!(!g.matches("/apix/y"));
+        let g = PathGlob::parse("/**/x.json").unwrap();
+        assert!(g.matches("/a/b/x.json") && g.matches("//x.json") && !g.matches("/x.json"));
+        let g = PathGlob::parse("/a/**x").unwrap();
+        assert!(g.matches("/a/x") && g.matches("/a/b/cx") && !g.matches("/a/b/c"));
+        let g = PathGlob::parse("/**").unwrap();
+        assert!(g.matches("/") && g.matches("/anything/at/all"));
+    }
+
+    #[test]
+    fn glob_question_mark_and_literals() {
+        let g = PathGlob::parse("/v?/x").unwrap();
+        assert!(g.matches("/v1/x") && g.matches("/vé/x"));
+        assert!(!g.matches("/v/x") && !g.matches("/v12/x") && !g.matches("/v//x"));
+        let g = PathGlob::parse("/exact.txt").unwrap();
+        assert!(g.matches("/exact.txt") && !g.matches("/exactxtxt") && !g.matches("/exact.txt/"));
+        assert_eq!(g.to_string(), "/exact.txt");
+    }
+
+    #[test]
+    fn glob_many_stars_stay_linear() {
+        let g = PathGlob::parse(&format!("{}/z", "/**".repeat(30))).unwrap();
+        assert!(
+            !g.matches(&"/a".repeat(2000)),
+            "no exponential backtracking"
+        );
+        assert!(g.matches(&format!("{}/z", "/a".repeat(40))));
+    }
+
+    #[test]
+    fn bad_globs_are_refused() {
+        for bad in ["", "api/**", "*/x", "/a b", "/a#b", "/***"] {
+            assert!(PathGlob::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        let t = "ab\ncdé\nf";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 2), (1, 3));
+        assert_eq!(line_col(t, 3), (2, 1));
+        assert_eq!(line_col(t, 8), (3, 1), "é is two bytes but one column");
+        assert_eq!(line_col(t, 6), (2, 3), "inside é: moved back to its start");
+        assert_eq!(line_col(t, 100), (3, 2), "clamped to the end");
+    }
+
+    #[test]
+    fn unknown_key() {
+        assert_error(
+            "[sandbox.agent]\nallow = []\nalow = [\"x\"]\n",
+            "p.toml:3:1: sandbox.agent.alow: unknown field `alow`",
+            "expected one of",
+        );
+        assert_error(
+            "[sandbox.agent]\nguards = { private_range = false }\n",
+            "p.toml:2:12: sandbox.agent.guards.private_range: unknown field",
+            "",
+        );
+        assert_error(
+            "[sandboxes.agent]\n",
+            "p.toml:1:2: sandboxes: unknown field `sandboxes`",
+            "",
+        );
+    }
+
+    #[test]
+    fn bad_toml_syntax() {
+        assert_error(
+            "[sandbox.agent]\nallow = [\"a\"\n",
+            "p.toml:2:13: -: unclosed array",
+            "",
+        );
+        assert_error("[sandbox.agent\n", "p.toml:1:", "-: ");
+    }
+
+    #[test]
+    fn bad_host_pattern() {
+        assert_error(
+            "[sandbox.agent]\nallow = [\"pypi.org\", \"a.b\",\n  \"a.*.com\"]\n",
+            "p.toml:3:3: sandbox.agent.allow[2]: \"a.*.com\" is not a host pattern",
+            "examples:",
+        );
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nhost = \"exa mple.com\"\n",
+            "p.toml:3:8: sandbox.agent.rule[0].host: ",
+            "not a host pattern",
+        );
+    }
+
+    #[test]
+    fn bad_tcp_and_private_ok() {
+        assert_error(
+            "[sandbox.agent]\ntcp = [\"10.0.0.0/8:5432\", \"10.0.0.1\"]\n",
+            "p.toml:2:27: sandbox.agent.tcp[1]: \"10.0.0.1\" is not CIDR:PORT",
+            "missing :PORT",
+        );
+        assert_error(
+            "[sandbox.agent]\nprivate_ok = [\"example.com\"]\n",
+            "p.toml:2:15: sandbox.agent.private_ok[0]: ",
+            "not an IP address or CIDR",
+        );
+    }
+
+    #[test]
+    fn bad_method() {
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nhost = \"a.com\"\n\n[[sandbox.agent.rule]]\nhost = \"b.com\"\nmethods = [\"GET\", \"get\"]\n",
+            "p.toml:7:19: sandbox.agent.rule[1].methods[1]: \"get\" is not an uppercase HTTP method token",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent]\nrule = [{ host = \"a.com\", methods = [] }]\n",
+            "p.toml:2:37: sandbox.agent.rule[0].methods: empty list",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nmethods = [\"GET\"]\n",
+            "p.toml:2:1: sandbox.agent.rule[0]: missing field `host`",
+            "",
+        );
+    }
+
+    #[test]
+    fn secret_with_both_env_and_file() {
+        assert_error(
+            "[sandbox.agent.secrets.EGRESS_SECRET_X]\nhosts = [\"a.com\"]\nenv = \"X\"\nfile = \"/etc/x\"\n",
+            "p.toml:4:8: sandbox.agent.secrets.EGRESS_SECRET_X.file: set either `env` or `file`, not both",
+            "",
+        );
+    }
+
+    #[test]
+    fn secret_without_a_source_or_hosts() {
+        assert_error(
+            "[sandbox.agent]\n[sandbox.agent.secrets.EGRESS_SECRET_X]\nenv = \"X\"\n",
+            "p.toml:2:1: sandbox.agent.secrets.EGRESS_SECRET_X.hosts: missing",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent.secrets.EGRESS_SECRET_X]\nenv = \"X\"\nhosts = []\n",
+            "p.toml:3:9: sandbox.agent.secrets.EGRESS_SECRET_X.hosts: empty list; a secret needs",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent.secrets.EGRESS_SECRET_X]\nhosts = [\"a.com\"]\n",
+            "p.toml:1:1: sandbox.agent.secrets.EGRESS_SECRET_X: needs `env`",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent.secrets.EGRESS_SECRET_X]\nenv = \"X\"\nhosts = [\"*\"]\n",
+            "p.toml:3:10: sandbox.agent.secrets.EGRESS_SECRET_X.hosts[0]: ",
+            "protects nothing",
+        );
+        assert_error(
+            "[sandbox.agent.secrets.SHORT]\nenv = \"X\"\nhosts = [\"a.com\"]\n",
+            "p.toml:1:24: sandbox.agent.secrets.SHORT: \"SHORT\" is not a placeholder",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent.secrets.EGRESS_SECRET_X]\nfile = \"x.key\"\nhosts = [\"a.com\"]\n",
+            "p.toml:2:8: sandbox.agent.secrets.EGRESS_SECRET_X.file: ",
+            "not an absolute path",
+        );
+    }
+
+    #[test]
+    fn invalid_sandbox_name() {
+        assert_error(
+            "[sandbox.ok]\n[sandbox.\"Agent Smith\"]\n",
+            "p.toml:2:10: sandbox.\"Agent Smith\": \"Agent Smith\" is not a sandbox name",
+            "",
+        );
+        assert_error(
+            &format!("[sandbox.{}]\n", "a".repeat(65)),
+            "p.toml:1:10: sandbox.",
+            "not a sandbox name",
+        );
+    }
+
+    #[test]
+    fn bad_header_name_and_value() {
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nhost = \"a.com\"\nset_headers = { \"X-Ok\" = \"1\", \"Bad Header\" = \"1\" }\n",
+            "p.toml:4:31: sandbox.agent.rule[0].set_headers.\"Bad Header\": \"Bad Header\" is not a valid HTTP header name",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nhost = \"a.com\"\nadd_headers = { X-Trace = \"a\\nb\" }\n",
+            "p.toml:4:27: sandbox.agent.rule[0].add_headers.X-Trace: ",
+            "not a valid HTTP header value",
+        );
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nhost = \"a.com\"\nremove_headers = [\"Authorization\", \"Content-Length\"]\n",
+            "p.toml:4:36: sandbox.agent.rule[0].remove_headers[1]: ",
+            "managed by the proxy",
+        );
+    }
+
+    #[test]
+    fn path_glob_must_start_with_a_slash() {
+        assert_error(
+            "[sandbox.agent]\n[[sandbox.agent.rule]]\nhost = \"a.com\"\npaths = [\"/ok\", \"api/**\"]\n",
+            "p.toml:4:17: sandbox.agent.rule[0].paths[1]: path glob \"api/**\" must start with `/`",
+            "",
+        );
+    }
+
+    #[test]
+    fn wrong_type() {
+        assert_error(
+            "[sandbox.agent]\nallow = \"x\"\n",
+            "p.toml:2:9: sandbox.agent.allow: invalid type: string \"x\", expected a sequence",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent]\nmode = \"block\"\n",
+            "p.toml:2:8: sandbox.agent.mode: unknown variant `block`",
+            "`enforce` or `warn`",
+        );
+        assert_error(
+            "[sandbox.agent]\nguards = { private_ranges = \"no\" }\n",
+            "p.toml:2:29: sandbox.agent.guards.private_ranges: invalid type",
+            "",
+        );
+    }
+
+    #[test]
+    fn no_sandboxes() {
+        assert_error("", "p.toml:1:1: sandbox: no sandbox defined", "");
+        assert_error(
+            "[defaults]\nmode = \"warn\"\n",
+            "p.toml:1:1: sandbox: no sandbox defined",
+            "",
+        );
+        assert_error(
+            "# policy\n[sandbox]\n",
+            "p.toml:2:1: sandbox: no sandbox defined",
+            "",
+        );
+    }
+
+    #[test]
+    fn defaults_are_checked_too() {
+        assert_error(
+            "[defaults]\ndeny = [\"**\"]\n[sandbox.a]\n",
+            "p.toml:2:9: defaults.deny[0]: ",
+            "not a host pattern",
+        );
+    }
+
+    #[test]
+    fn read_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("nope.toml");
+        let e = load(&missing).expect_err("missing file");
+        assert!(matches!(&e, PolicyError::Read { path, .. } if *path == missing));
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+    }
+}
