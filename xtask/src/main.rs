@@ -12,6 +12,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, run and test egress")]
 struct Cli {
@@ -40,6 +42,22 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Side-by-side benchmarks of egress, direct, mitmproxy and Squid; writes BENCHMARKS.md.
+    /// Installs its peers on first use. Needs root.
+    Bench {
+        /// A run of about two minutes; writes target/bench/BENCHMARKS.quick.md.
+        #[arg(long, conflicts_with = "smoke")]
+        quick: bool,
+        /// Only check that every peer starts and answers one request (for CI).
+        #[arg(long)]
+        smoke: bool,
+        /// Use this egress binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        egress_bin: Option<PathBuf>,
+        /// Internal: run one load-generator job (JSON) inside a sandbox.
+        #[arg(long, hide = true, value_name = "JSON")]
+        internal: Option<String>,
+    },
 }
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -66,6 +84,20 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { args } => test(args),
+        Cmd::Bench {
+            internal: Some(job),
+            ..
+        } => bench::internal(&job),
+        Cmd::Bench {
+            quick,
+            smoke,
+            egress_bin,
+            internal: None,
+        } => bench::run(bench::Options {
+            quick,
+            smoke,
+            egress_bin,
+        }),
     }
 }
 
