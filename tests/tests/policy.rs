@@ -496,3 +496,29 @@ fn policy_check_names_line_column_and_key_for_ten_broken_files() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn flags_extend_and_override_the_file() {
+    let s = site("127.0.49.2");
+    let mut args = s.policy(&format!(
+        "[sandbox.run]\n{LOOPBACK_OK}\nallow = [\"origin.test\"]\n"
+    ));
+    // --allow extends the file's allow list; --deny overrides its allow (deny wins).
+    args.extend(["--allow", "other.test", "--deny", "origin.test"].map(String::from));
+    let f = run(
+        &args,
+        &each(
+            &s,
+            &[
+                &["https://origin.test/hello"],
+                &["https://other.test/hello"],
+            ],
+        ),
+    );
+    assert_eq!(codes(&f), [403, 200], "{f:#?}");
+    assert_eq!(
+        f.audit_of("request")[0]["rule"],
+        "origin.test",
+        "the deny rule is named"
+    );
+}
