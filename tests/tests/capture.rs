@@ -20,6 +20,15 @@ fn conn_closed(logs: &[Value]) -> Vec<&Value> {
     logs.iter().filter(|v| v["message"] == "request").collect()
 }
 
+/// The sandboxed client got the origin's answer, through the proxy.
+fn assert_hello(out: &Value, origin: &str) {
+    let resp = out["response"].as_str().unwrap_or("");
+    assert!(
+        resp.ends_with(&format!("hello from {origin}")),
+        "expected a reply from {origin}: {out}"
+    );
+}
+
 /// The origins of these tests are loopback addresses, and the proxy denies by default.
 const LO: [&str; 4] = ["--allow", "127.0.0.0/8", "--allow", "::1"];
 
@@ -60,13 +69,7 @@ fn rust_client_reaches_upstream_through_proxy() {
     let f = e.finish();
     assert!(f.status.success(), "{f:#?}");
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from 127.0.2.2:80"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.2.2:80");
     let closed = conn_closed(&f.logs);
     assert_eq!(closed.len(), 1, "{f:#?}");
     assert_eq!(closed[0]["orig_dst"], "127.0.2.2:80");
@@ -119,26 +122,14 @@ fn ipv6_and_v4_mapped_are_captured() {
     let args = [&LO[..], &["--intercept-port", "18106"]].concat();
     let f = Egress::run(&args, &[&tc(), "connect", "[::1]:18106"]).finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from [::1]:18106"),
-        "{out}"
-    );
+    assert_hello(&out, "[::1]:18106");
     assert_eq!(out["peer"], "[::1]:18106");
     assert_eq!(conn_closed(&f.logs)[0]["orig_dst"], "[::1]:18106");
     assert_eq!(up6.accepted(), 1);
 
     let f = Egress::run(&args, &[&tc(), "connect", "[::ffff:127.0.5.2]:18106"]).finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from 127.0.5.2:18106"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.5.2:18106");
     assert_eq!(
         out["peer"], "[::ffff:127.0.5.2]:18106",
         "getpeername answers in the v6 form asked for"
@@ -207,13 +198,7 @@ fn outside_processes_and_proxy_upstreams_are_untouched() {
     touch(&go, "");
     let f = e.finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from 127.0.7.2:80"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.7.2:80");
     // Exactly one connection through the proxy: the sandboxed one. Had the proxy's upstream
     // connect been redirected, it would have looped and been refused for lack of a record.
     assert_eq!(conn_closed(&f.logs).len(), 1, "{f:#?}");
@@ -249,13 +234,7 @@ fn child_cgroup_is_still_captured() {
     touch(&go, "");
     let f = e.finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from 127.0.8.2:80"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.8.2:80");
     assert_eq!(conn_closed(&f.logs)[0]["orig_dst"], "127.0.8.2:80");
     assert_eq!(up.accepted(), 1);
     assert!(
@@ -283,13 +262,7 @@ fn nonblocking_connect_is_captured() {
     let up = Upstream::start("127.0.9.2:80");
     let f = Egress::run(&LO, &[&tc(), "nonblock", "127.0.9.2:80"]).finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from 127.0.9.2:80"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.9.2:80");
     assert_eq!(out["peer"], "127.0.9.2:80");
     assert_eq!(up.accepted(), 1);
 }
@@ -299,13 +272,7 @@ fn tcp_fast_open_is_captured() {
     let up = Upstream::start("127.0.10.2:80");
     let f = Egress::run(&LO, &[&tc(), "fastopen", "127.0.10.2:80"]).finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap_or("")
-            .ends_with("hello from 127.0.10.2:80"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.10.2:80");
     assert_eq!(conn_closed(&f.logs)[0]["orig_dst"], "127.0.10.2:80");
     assert_eq!(up.accepted(), 1);
     // And MSG_FASTOPEN to a refused port is refused like connect.
@@ -459,13 +426,7 @@ fn isolate_net_gives_only_loopback_and_the_proxy() {
     )
     .finish();
     let out = f.client_json();
-    assert!(
-        out["response"]
-            .as_str()
-            .unwrap()
-            .ends_with("hello from 127.0.13.2:80"),
-        "{out}"
-    );
+    assert_hello(&out, "127.0.13.2:80");
     assert_eq!(out["peer"], "127.0.13.2:80");
     assert_eq!(up.accepted(), 1);
 }
