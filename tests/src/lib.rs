@@ -70,6 +70,11 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("no cgroup2 mount on this host")
 }
 
+/// Every new `egress run` garbage-collects dead runs first, which (correctly) kills the
+/// sandbox a SIGKILL test leaves behind on purpose. That test holds this lock while its
+/// orphan is alive; [`Egress::spawn`] waits for it, so no egress starts meanwhile.
+pub static NO_NEW_EGRESS: Mutex<()> = Mutex::new(());
+
 /// A unique scratch directory, world-readable so that the sandbox user can see flag files.
 pub struct TempDir(pub PathBuf);
 
@@ -149,6 +154,7 @@ impl Egress {
 
     pub fn spawn(sub: &[&str], run_args: &[&str], cmd: &[&str]) -> Self {
         require_root();
+        drop(NO_NEW_EGRESS.lock().unwrap_or_else(|p| p.into_inner()));
         let dir = TempDir::new("egress");
         let log = dir.path("egress.log");
         let mut c = Command::new(egress_bin());

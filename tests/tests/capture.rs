@@ -363,6 +363,11 @@ fn killed_proxy_fails_closed() {
     )
     .unwrap();
     let mut e = Egress::run(&LO, &["sh", "-c", &script]);
+    // From here until the orphan is done, no other test may start egress (its gc would kill
+    // the orphan this test is watching).
+    let _quiet = egress_tests::NO_NEW_EGRESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     let ready = e.ready();
     e.wait_log("command started");
     let cgroup = PathBuf::from(ready["cgroup"].as_str().unwrap());
