@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod dns;
 pub mod events;
 pub mod gc;
 pub mod netns;
