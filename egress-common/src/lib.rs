@@ -24,6 +24,11 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     /// Per-CPU array of `u64` counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// socket cookie -> [`super::DnsClient`]: a UDP socket that sent to port 53, and where to.
+    pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
+    /// [`super::DnsPeerKey`] -> [`super::OrigDst`]: who is behind a query the DNS listener
+    /// received, written by the cgroup_skb program as the datagram leaves the sandbox.
+    pub const DNS_PEERS: &str = "DNS_PEERS";
 }
 
 /// Program names as they appear in the object file.
@@ -36,6 +41,13 @@ pub mod programs {
     pub const GETPEERNAME6: &str = "egress_getpeername6";
     pub const SOCKOPS: &str = "egress_sockops";
     pub const SOCK_RELEASE: &str = "egress_sock_release";
+    pub const SOCK_CREATE: &str = "egress_sock_create";
+    pub const RECVMSG4: &str = "egress_recvmsg4";
+    pub const RECVMSG6: &str = "egress_recvmsg6";
+    /// cgroup_skb/egress: names the sender of each DNS datagram.
+    pub const SKB: &str = "egress_skb";
+    /// cgroup_skb/egress with the `--strict` backstop on top.
+    pub const SKB_STRICT: &str = "egress_skb_strict";
 }
 
 /// How deep below the cgroup2 root the programs look for a registered sandbox.
@@ -60,7 +72,17 @@ pub struct Sandbox {
     pub listen6_addr: [u32; 4],
     /// Its port, host byte order.
     pub listen6_port: u32,
+    /// DNS listener (UDP and TCP) on `listen4_addr`, host byte order.
+    pub dns4_port: u32,
+    /// DNS listener (UDP and TCP) on `listen6_addr`, host byte order.
+    pub dns6_port: u32,
+    /// [`SANDBOX_STRICT`] and future bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// [`Sandbox::flags`]: drop packets to anything but the listeners and allowances.
+pub const SANDBOX_STRICT: u32 = 1;
 
 /// Key of [`maps::INTERCEPT_PORTS`].
 #[repr(C)]
@@ -112,6 +134,26 @@ pub struct OrigDst {
     pub comm: [u8; 16],
 }
 
+/// A UDP socket that sent to port 53: where it was going, and in which network namespace
+/// (the cgroup_skb program that names the datagram's sender cannot ask the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsClient {
+    pub orig: OrigDst,
+    pub netns: u64,
+}
+
+/// Key of [`maps::DNS_PEERS`]: the source port of a query as the DNS listener sees it, in
+/// the listener's network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsPeerKey {
+    pub netns: u64,
+    /// Host byte order.
+    pub port: u32,
+    pub _pad: u32,
+}
+
 /// A TCP connection's 4-tuple as sockops sees it from the client side, qualified by the
 /// network namespace so that identical loopback tuples in two isolated sandboxes stay apart.
 /// IPv4 addresses are stored v4-mapped so that one map serves both families.
@@ -144,6 +186,8 @@ pub enum EventKind {
     /// The original destination could not be recorded; the connect was still rewritten, so
     /// the proxy refuses it for lack of an entry.
     RecordFailed = 5,
+    /// A socket that is neither TCP nor UDP (ICMP ping, raw, SCTP, MPTCP) refused at creation.
+    DenySocket = 6,
 }
 
 impl EventKind {
@@ -154,6 +198,7 @@ impl EventKind {
             3 => Self::DenyProtocol,
             4 => Self::DenyNoSandbox,
             5 => Self::RecordFailed,
+            6 => Self::DenySocket,
             _ => return None,
         })
     }
@@ -183,9 +228,13 @@ pub enum Counter {
     RecordFailed = 1,
     Denied = 2,
     EventsLost = 3,
+    /// DNS queries (UDP sends and TCP connects to port 53) sent to the DNS listener.
+    DnsRedirected = 4,
+    /// Packets the `--strict` backstop dropped.
+    StrictDropped = 5,
 }
 
-pub const COUNTER_SLOTS: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 6;
 
 /// `::ffff:a.b.c.d` for an IPv4 address in network byte order.
 #[inline(always)]
@@ -216,6 +265,10 @@ mod pod {
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above (u64 fields first or 8-aligned, explicit padding).
+    unsafe impl aya::Pod for super::DnsClient {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsPeerKey {}
 }
 
 #[cfg(test)]
@@ -225,7 +278,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_padding() {
-        assert_eq!(size_of::<Sandbox>(), 8 * 4);
+        assert_eq!(size_of::<Sandbox>(), 12 * 4);
+        assert_eq!(size_of::<DnsClient>(), 8 * 4 + 16 + 8);
+        assert_eq!(size_of::<DnsPeerKey>(), 16);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<Allow4>(), 12);
         assert_eq!(size_of::<Allow6>(), 24);

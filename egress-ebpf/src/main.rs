@@ -4,28 +4,33 @@
 //! The programs are attached to each sandbox cgroup (they run for that cgroup and everything
 //! below it), so sockets of other cgroups, the proxy's own among them, never reach this code.
 //! Inside a sandbox the rule is fail closed: anything not understood is refused.
+//!
+//! DNS (UDP or TCP port 53, to any address) goes to the DNS listener, which answers only the
+//! names the policy permits. A cgroup_skb program names the sender of each DNS datagram for
+//! the listener, and with `--strict` drops any packet not bound for a listener or allowance.
 #![no_std]
 #![no_main]
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{__sk_buff, bpf_sock_addr, BPF_SOCK_OPS_TCP_CONNECT_CB},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_skb_ancestor_cgroup_id,
         },
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext as _,
 };
 use egress_common::{
-    is_v4_mapped, v4_mapped, Allow4, Allow6, Counter, Event, EventKind, OrigDst, PortKey, Sandbox,
-    SockKey, AF_INET, AF_INET6, ALLOW_FIXED_PREFIX, COUNTER_SLOTS, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_CGROUP_DEPTH,
+    is_v4_mapped, v4_mapped, Allow4, Allow6, Counter, DnsClient, DnsPeerKey, Event, EventKind,
+    OrigDst, PortKey, Sandbox, SockKey, AF_INET, AF_INET6, ALLOW_FIXED_PREFIX, COUNTER_SLOTS,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, SANDBOX_STRICT,
 };
 
 const ALLOW: i32 = 1;
@@ -54,6 +59,12 @@ static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(6
 #[map(name = "ORIG_BY_TUPLE")]
 static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
 
+#[map(name = "DNS_BY_COOKIE")]
+static DNS_BY_COOKIE: LruHashMap<u64, DnsClient> = LruHashMap::with_max_entries(65536, 0);
+
+#[map(name = "DNS_PEERS")]
+static DNS_PEERS: LruHashMap<DnsPeerKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -76,11 +87,24 @@ fn count(c: Counter) {
 /// sandbox finds nothing here and is refused.
 #[inline(always)]
 fn find_sandbox() -> Option<Sandbox> {
+    // SAFETY: plain helper call with a scalar argument.
+    find_sandbox_by(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The deepest registered sandbox containing the cgroup of the socket that sent `skb`
+/// (packets may be sent from softirq context, so not the current task's).
+#[inline(always)]
+fn find_sandbox_skb(skb: *mut __sk_buff) -> Option<Sandbox> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    find_sandbox_by(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) })
+}
+
+#[inline(always)]
+fn find_sandbox_by(ancestor: impl Fn(i32) -> u64) -> Option<Sandbox> {
     let mut found = None;
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper call with a scalar argument.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = ancestor(level);
         if id == 0 {
             break;
         }
@@ -206,8 +230,15 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
     let mapped = is_v4_mapped(&addr);
 
     if ty == SOCK_DGRAM && proto == IPPROTO_UDP {
-        // DNS passes for now; every other UDP destination (QUIC among them) is refused.
+        // DNS, to whatever resolver, goes to the DNS listener; every other UDP destination
+        // (QUIC among them) is refused.
         if port == DNS_PORT {
+            record_dns(ctx, &sb, family, addr, port);
+            rewrite(sa, &sb, family, mapped, sb.dns4_port, sb.dns6_port);
+            return ALLOW;
+        }
+        if at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port) {
+            // Straight at the DNS listener: no record, so the listener refuses it.
             return ALLOW;
         }
         report(EventKind::DenyUdp, sb.id, family, proto, addr, port);
@@ -218,36 +249,22 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
         return DENY;
     }
 
-    // Already aimed at the listener: pass untouched; the proxy refuses it for lack of an entry.
-    if mapped && addr[3] == sb.listen4_addr && port as u32 == sb.listen4_port {
-        return ALLOW;
-    }
-    if !mapped && addr == sb.listen6_addr && port as u32 == sb.listen6_port {
+    // Already aimed at a listener: pass untouched; it refuses it for lack of an entry.
+    if at_listener(&sb, mapped, addr, port, sb.listen4_port, sb.listen6_port)
+        || at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port)
+    {
         return ALLOW;
     }
 
+    if port == DNS_PORT {
+        record(ctx, &sb, family, addr, port);
+        count(Counter::DnsRedirected);
+        rewrite(sa, &sb, family, mapped, sb.dns4_port, sb.dns6_port);
+        return ALLOW;
+    }
     if intercepted(sb.id, port) {
         record(ctx, &sb, family, addr, port);
-        // SAFETY: whole-field writes to the context, which the verifier allows for connect.
-        unsafe {
-            if family == AF_INET {
-                (*sa).user_ip4 = sb.listen4_addr;
-                (*sa).user_port = ((sb.listen4_port as u16).to_be()) as u32;
-            } else if mapped {
-                let l = v4_mapped(sb.listen4_addr);
-                (*sa).user_ip6[0] = l[0];
-                (*sa).user_ip6[1] = l[1];
-                (*sa).user_ip6[2] = l[2];
-                (*sa).user_ip6[3] = l[3];
-                (*sa).user_port = ((sb.listen4_port as u16).to_be()) as u32;
-            } else {
-                (*sa).user_ip6[0] = sb.listen6_addr[0];
-                (*sa).user_ip6[1] = sb.listen6_addr[1];
-                (*sa).user_ip6[2] = sb.listen6_addr[2];
-                (*sa).user_ip6[3] = sb.listen6_addr[3];
-                (*sa).user_port = ((sb.listen6_port as u16).to_be()) as u32;
-            }
-        }
+        rewrite(sa, &sb, family, mapped, sb.listen4_port, sb.listen6_port);
         return ALLOW;
     }
 
@@ -261,6 +278,95 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
     }
     report(EventKind::DenyTcpConnect, sb.id, family, proto, addr, port);
     DENY
+}
+
+/// Whether `addr:port` is the sandbox's listener on `port4`/`port6`.
+#[inline(always)]
+fn at_listener(
+    sb: &Sandbox,
+    mapped: bool,
+    addr: [u32; 4],
+    port: u16,
+    port4: u32,
+    port6: u32,
+) -> bool {
+    if mapped {
+        addr[3] == sb.listen4_addr && port as u32 == port4
+    } else {
+        addr == sb.listen6_addr && port as u32 == port6
+    }
+}
+
+/// Points a connect or send at the sandbox's listener on `port4`/`port6`, in the address
+/// form the socket uses.
+#[inline(always)]
+fn rewrite(
+    sa: *mut bpf_sock_addr,
+    sb: &Sandbox,
+    family: u32,
+    mapped: bool,
+    port4: u32,
+    port6: u32,
+) {
+    // SAFETY: whole-field writes to the context, which the verifier allows for connect and
+    // sendmsg.
+    unsafe {
+        if family == AF_INET {
+            (*sa).user_ip4 = sb.listen4_addr;
+            (*sa).user_port = ((port4 as u16).to_be()) as u32;
+        } else if mapped {
+            let l = v4_mapped(sb.listen4_addr);
+            (*sa).user_ip6[0] = l[0];
+            (*sa).user_ip6[1] = l[1];
+            (*sa).user_ip6[2] = l[2];
+            (*sa).user_ip6[3] = l[3];
+            (*sa).user_port = ((port4 as u16).to_be()) as u32;
+        } else {
+            (*sa).user_ip6[0] = sb.listen6_addr[0];
+            (*sa).user_ip6[1] = sb.listen6_addr[1];
+            (*sa).user_ip6[2] = sb.listen6_addr[2];
+            (*sa).user_ip6[3] = sb.listen6_addr[3];
+            (*sa).user_port = ((port6 as u16).to_be()) as u32;
+        }
+    }
+}
+
+/// Saves, under the socket's cookie, the resolver a UDP socket sent to: recvmsg and
+/// getpeername answer with it, and the cgroup_skb program hands it to the listener with
+/// each datagram. The send is rewritten even if this fails; the listener then refuses.
+#[inline(always)]
+fn record_dns(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], port: u16) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (cookie, netns) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx.as_ptr()),
+            bpf_get_netns_cookie(ctx.as_ptr()),
+        )
+    };
+    let client = DnsClient {
+        orig: OrigDst {
+            addr,
+            port: port as u32,
+            family,
+            sandbox: sb.id,
+            tgid: tgid(),
+            comm: comm(),
+        },
+        netns,
+    };
+    if DNS_BY_COOKIE.insert(cookie, client, 0).is_err() {
+        count(Counter::RecordFailed);
+        report(
+            EventKind::RecordFailed,
+            sb.id,
+            family,
+            IPPROTO_UDP,
+            addr,
+            port,
+        );
+    } else {
+        count(Counter::DnsRedirected);
+    }
 }
 
 #[inline(always)]
@@ -312,13 +418,75 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     decide(&ctx, AF_INET6, addr, port, true)
 }
 
-/// A redirected socket reports the peer it asked for, not the proxy.
-#[cgroup_sock_addr(getpeername4)]
-pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+/// Where a redirected socket (TCP, or UDP to a resolver) was going.
+#[inline(always)]
+fn orig_of(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the values are copied out at once.
+    unsafe {
+        if let Some(orig) = ORIG_BY_COOKIE.get(cookie) {
+            return Some(*orig);
+        }
+        DNS_BY_COOKIE.get(cookie).map(|c| c.orig)
+    }
+}
+
+/// A datagram from the DNS listener reads as coming from the resolver the program asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
+    let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() else {
+        return ALLOW;
+    };
+    let Some(sb) = find_sandbox() else {
+        return ALLOW;
+    };
+    let (addr, port) = dest4(&ctx);
+    if at_listener(&sb, true, addr, port, sb.dns4_port, sb.dns6_port) {
+        // SAFETY: whole-field writes, allowed for recvmsg.
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = c.orig.addr[3];
+            (*ctx.sock_addr).user_port = ((c.orig.port as u16).to_be()) as u32;
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() else {
+        return ALLOW;
+    };
+    let Some(sb) = find_sandbox() else {
+        return ALLOW;
+    };
+    let (addr, port) = dest6(&ctx);
+    let mapped = is_v4_mapped(&addr);
+    if at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port) {
+        let a = c.orig.addr;
+        let sa = ctx.sock_addr;
+        // SAFETY: whole-field writes, allowed for recvmsg.
+        unsafe {
+            (*sa).user_ip6[0] = a[0];
+            (*sa).user_ip6[1] = a[1];
+            (*sa).user_ip6[2] = a[2];
+            (*sa).user_ip6[3] = a[3];
+            (*sa).user_port = ((c.orig.port as u16).to_be()) as u32;
+        }
+    }
+    ALLOW
+}
+
+/// A redirected socket reports the peer it asked for, not the proxy.
+#[cgroup_sock_addr(getpeername4)]
+pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = orig_of(&ctx) {
         let (ip, port) = (orig.addr[3], orig.port);
         // SAFETY: whole-field writes, allowed for getpeername.
         unsafe {
@@ -331,10 +499,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
+    if let Some(orig) = orig_of(&ctx) {
         let (a, port) = (orig.addr, orig.port);
         let sa = ctx.sock_addr;
         // SAFETY: whole-field writes, allowed for getpeername.
@@ -412,7 +577,125 @@ pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = ORIG_BY_COOKIE.remove(cookie);
+    let _ = DNS_BY_COOKIE.remove(cookie);
     ALLOW
+}
+
+/// Only TCP and UDP sockets may be created in a sandbox: ICMP ping sockets, raw sockets,
+/// SCTP and MPTCP would each be a way out that no connect or sendmsg hook sees.
+#[cgroup_sock(sock_create)]
+pub fn egress_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: whole 32-bit field reads of the socket being created.
+    let (family, ty, proto) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    if family != AF_INET && family != AF_INET6 {
+        return ALLOW;
+    }
+    if (ty == SOCK_STREAM && proto == IPPROTO_TCP) || (ty == SOCK_DGRAM && proto == IPPROTO_UDP) {
+        return ALLOW;
+    }
+    let sandbox = find_sandbox().map(|sb| sb.id).unwrap_or(0);
+    report(EventKind::DenySocket, sandbox, family, proto, [0; 4], 0);
+    DENY
+}
+
+const PASS_SKB: i32 = 1;
+const DROP_SKB: i32 = 0;
+
+/// Tells the DNS listener who sent each datagram: a connected UDP socket's source port is
+/// only known once it sends, so connect4/6 cannot.
+#[inline(always)]
+fn name_dns_sender(ctx: &SkBuffContext) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let key = DnsPeerKey {
+        netns: c.netns,
+        port: ctx.skb.local_port(),
+        _pad: 0,
+    };
+    if DNS_PEERS.insert(key, c.orig, 0).is_err() {
+        count(Counter::RecordFailed);
+    }
+}
+
+#[cgroup_skb(egress)]
+pub fn egress_skb(ctx: SkBuffContext) -> i32 {
+    name_dns_sender(&ctx);
+    PASS_SKB
+}
+
+const IPPROTO_TCP_U8: u8 = 6;
+const IPPROTO_UDP_U8: u8 = 17;
+
+/// The `--strict` backstop: a packet from a sandbox socket leaves only for a listener or a
+/// TCP allowance. The socket hooks already refuse everything else; this catches whatever
+/// they might miss (a kernel path without a hook, a bug), and counts it.
+#[cgroup_skb(egress)]
+pub fn egress_skb_strict(ctx: SkBuffContext) -> i32 {
+    name_dns_sender(&ctx);
+    let skb = ctx.skb.skb;
+    let Some(sb) = find_sandbox_skb(skb) else {
+        return PASS_SKB;
+    };
+    if sb.flags & SANDBOX_STRICT == 0 || strict_allows(&ctx, &sb) {
+        return PASS_SKB;
+    }
+    count(Counter::StrictDropped);
+    DROP_SKB
+}
+
+#[inline(always)]
+fn strict_allows(ctx: &SkBuffContext, sb: &Sandbox) -> bool {
+    // cgroup_skb sees the packet from its network header.
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    match first >> 4 {
+        4 => {
+            let (Ok(proto), Ok(dst)) = (ctx.load::<u8>(9), ctx.load::<u32>(16)) else {
+                return false;
+            };
+            let ihl = ((first & 0x0f) as usize) * 4;
+            if proto != IPPROTO_TCP_U8 && proto != IPPROTO_UDP_U8 {
+                return false;
+            }
+            let Ok(port) = ctx.load::<u16>(ihl + 2) else {
+                return false;
+            };
+            let port = u16::from_be(port);
+            let addr = v4_mapped(dst);
+            at_listener(sb, true, addr, port, sb.listen4_port, sb.listen6_port)
+                || at_listener(sb, true, addr, port, sb.dns4_port, sb.dns6_port)
+                || (proto == IPPROTO_TCP_U8 && allowed4(sb.id, dst, port))
+        }
+        6 => {
+            let Ok(next) = ctx.load::<u8>(6) else {
+                return false;
+            };
+            if next != IPPROTO_TCP_U8 && next != IPPROTO_UDP_U8 {
+                return false;
+            }
+            let (Ok(a0), Ok(a1), Ok(a2), Ok(a3), Ok(port)) = (
+                ctx.load::<u32>(24),
+                ctx.load::<u32>(28),
+                ctx.load::<u32>(32),
+                ctx.load::<u32>(36),
+                ctx.load::<u16>(42),
+            ) else {
+                return false;
+            };
+            let addr = [a0, a1, a2, a3];
+            let port = u16::from_be(port);
+            at_listener(sb, false, addr, port, sb.listen4_port, sb.listen6_port)
+                || at_listener(sb, false, addr, port, sb.dns4_port, sb.dns6_port)
+                || (next == IPPROTO_TCP_U8 && allowed6(sb.id, addr, port))
+        }
+        _ => false,
+    }
 }
 
 #[cfg(not(test))]

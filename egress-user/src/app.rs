@@ -20,6 +20,7 @@ use crate::{
     caps,
     cgroup::{self, SandboxCgroup},
     cli::{RunConfig, TlsConfig},
+    dns::{self, DnsSockets, DnsStats},
     events, gc,
     netns::{self, NetNs},
     proxy::{self, upstream::Pool, Ctx, Listener, Stats},
@@ -67,6 +68,8 @@ pub enum Error {
     Audit(#[from] crate::audit::OpenError),
     #[error(transparent)]
     Policy(#[from] crate::policy::CompileError),
+    #[error(transparent)]
+    DnsUpstream(#[from] dns::upstream::ConfigError),
     #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
@@ -85,7 +88,9 @@ impl Error {
             Error::Bpf(bpf::Error::Load(_)) | Error::Bpf(bpf::Error::NotEmbedded) => UNAVAILABLE,
             Error::Sandbox(e) => e.exit_code(),
             // A CA or trust file the operator named that cannot be used is a usage error.
-            Error::Ca(_) | Error::UpstreamTls(_) | Error::Policy(_) => USAGE,
+            Error::Ca(_) | Error::UpstreamTls(_) | Error::Policy(_) | Error::DnsUpstream(_) => {
+                USAGE
+            }
             _ => SOFTWARE,
         }
     }
@@ -93,6 +98,14 @@ impl Error {
 
 /// How long shutdown waits for connections that are still being relayed.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Names remembered for DNS pinning, over all sandboxes.
+const PIN_CAPACITY: usize = 65_536;
+/// How long a DNS answer stays pinned at least, whatever its TTL: programs and their
+/// connection pools keep addresses far longer than the TTL says.
+const PIN_MIN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Where the host's resolvers are listed, for DNS forwarding without --dns-upstream.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// Sandbox id used by `egress run`, which has exactly one.
 const RUN_SANDBOX_ID: u32 = 1;
@@ -105,6 +118,7 @@ pub struct Bound {
     pub listen6: ListenAddr,
     pub pin_dir: PathBuf,
     pub stats: Arc<Stats>,
+    pub dns_stats: Arc<DnsStats>,
     /// Environment for the sandboxed command (the CA trust bundle variables).
     pub env: Vec<(String, String)>,
     run_dir: PathBuf,
@@ -148,6 +162,11 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         &cfg.flags,
     )?;
     let allow_tcp = live.sandbox.tcp.clone();
+    let upstreams = if cfg.dns_upstreams.is_empty() {
+        dns::upstream::Upstreams::from_resolv_conf(Path::new(RESOLV_CONF))?
+    } else {
+        dns::upstream::Upstreams::new(cfg.dns_upstreams.clone())
+    };
     let nothing_allowed = live.sandbox.allow.is_empty() && live.sandbox.passthrough.is_empty();
     let policy = Arc::new(arc_swap::ArcSwap::from_pointee(live));
     let ctx = Arc::new(Ctx {
@@ -157,6 +176,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         audit: audit.clone(),
         audit_query: cfg.audit_query,
         sandbox_names: sandbox_names.clone(),
+        pins: Arc::new(dns::pins::Pins::new(PIN_CAPACITY, PIN_MIN_TTL)),
     });
     if nothing_allowed {
         warn!(
@@ -190,14 +210,24 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     } else {
         None
     };
-    let (l4, l6) = match &netns {
+    let Listeners { l4, l6, dns4, dns6 } = match &netns {
         Some(ns) => ns.run(bind_listeners)??,
         None => bind_listeners()?,
     };
     let (listen4, listen6) = (l4.addr(), l6.as_ref().map(Listener::addr));
+    let (dns4_port, dns6_port) = (
+        dns4.addr().0.port(),
+        dns6.as_ref().map_or(0, |d| d.addr().0.port()),
+    );
 
-    let (mut kernel, table, ring) = Kernel::load(&pin_dir)?;
+    let bpf::Loaded {
+        mut kernel,
+        orig_dst: table,
+        dns_peers,
+        events: ring,
+    } = Kernel::load(&pin_dir)?;
     let table = Arc::new(table);
+    let dns_stats = Arc::new(DnsStats::default());
     let stats = Arc::new(Stats::default());
     let conns = TaskTracker::new();
     let (stop_events, stop_rx) = tokio::sync::oneshot::channel();
@@ -211,6 +241,27 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
             "proxy listener",
             proxy::serve(l, table.clone(), stats.clone(), conns.clone(), ctx.clone()),
         )));
+    }
+    info!(
+        upstreams = ?upstreams.servers(),
+        "DNS queries are forwarded to these resolvers"
+    );
+    let dns = Arc::new(dns::Dns {
+        upstreams,
+        peers: Arc::new(dns_peers),
+        orig_dst: table.clone(),
+        ctx: ctx.clone(),
+        stats: dns_stats.clone(),
+    });
+    for d in std::iter::once(dns4).chain(dns6) {
+        let addr = d.addr();
+        tasks.extend(
+            d.serve(dns.clone(), conns.clone())
+                .map_err(|source| Error::Listen {
+                    addr: addr.0,
+                    source,
+                })?,
+        );
     }
 
     let v4 = |a: ListenAddr| match a.0 {
@@ -227,8 +278,11 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         id: RUN_SANDBOX_ID,
         listen4: v4(listen4),
         listen6: v6,
+        dns4_port,
+        dns6_port,
         intercept_ports: cfg.intercept_ports.clone(),
         allow_tcp: allow_tcp.clone(),
+        strict: cfg.strict,
     };
     if let Some(path) = cfg.policy_file.clone() {
         let (name, flags) = (cfg.sandbox.clone(), cfg.flags.clone());
@@ -256,6 +310,9 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         pin_dir = %pin_dir.display(),
         %listen4,
         %listen6,
+        dns4_port,
+        dns6_port,
+        strict = cfg.strict,
         isolate_net = cfg.isolate_net,
         intercept_ports = ?cfg.intercept_ports,
         allow_tcp = ?allow_tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -266,6 +323,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         listen6,
         pin_dir,
         stats,
+        dns_stats,
         env,
         run_dir,
         cgroup: Some(cgroup),
@@ -280,22 +338,39 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
     })
 }
 
-/// Binds 127.0.0.1:0 and, where loopback has IPv6, [::1]:0, in the calling thread's netns.
-fn bind_listeners() -> Result<(Listener, Option<Listener>), Error> {
+/// The proxy and DNS listeners of one sandbox, bound where the sandbox lives.
+struct Listeners {
+    l4: Listener,
+    l6: Option<Listener>,
+    dns4: DnsSockets,
+    dns6: Option<DnsSockets>,
+}
+
+/// Binds the proxy on 127.0.0.1:0 and the DNS listener (UDP and TCP) on another port of
+/// 127.0.0.1, and both again on [::1] where loopback has IPv6, in the calling thread's
+/// netns.
+fn bind_listeners() -> Result<Listeners, Error> {
     let bind = |addr: SocketAddr| {
         std::net::TcpListener::bind(addr)
             .and_then(Listener::new)
             .map_err(|source| Error::Listen { addr, source })
     };
+    let bind_dns = |ip: std::net::IpAddr| {
+        DnsSockets::bind(ip).map_err(|source| Error::Listen {
+            addr: SocketAddr::new(ip, 0),
+            source,
+        })
+    };
     let l4 = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
-    let l6 = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))) {
-        Ok(l) => Some(l),
+    let dns4 = bind_dns(Ipv4Addr::LOCALHOST.into())?;
+    let (l6, dns6) = match bind(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))) {
+        Ok(l) => (Some(l), Some(bind_dns(Ipv6Addr::LOCALHOST.into())?)),
         Err(e) => {
-            warn!(error = %crate::error_chain(&e), "no IPv6 loopback; IPv6 connects will fail");
-            None
+            warn!(error = %crate::error_chain(&e), "no IPv6 loopback; IPv6 connects and queries will fail");
+            (None, None)
         }
     };
-    Ok((l4, l6))
+    Ok(Listeners { l4, l6, dns4, dns6 })
 }
 
 async fn log_exit(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>>) {
@@ -327,6 +402,10 @@ impl Bound {
         for t in &self.tasks {
             t.abort();
         }
+        // Aborted tasks drop their handles (audit among them) once they are polled again.
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
         self.conns.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, self.conns.wait())
             .await
@@ -340,6 +419,7 @@ impl Bound {
         let redirected = self.kernel.counter(egress_common::Counter::Redirected);
         let record_failed = self.kernel.counter(egress_common::Counter::RecordFailed);
         let denied = self.kernel.counter(egress_common::Counter::Denied);
+        let strict_dropped = self.kernel.counter(egress_common::Counter::StrictDropped);
         if let Some(reg) = self.registration.take() {
             self.kernel.unregister(reg);
         }
@@ -365,7 +445,20 @@ impl Bound {
         if let Some(parent) = self.pin_dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
-        info!(redirected, record_failed, denied, "sandbox removed");
+        let d = &self.dns_stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        info!(
+            redirected,
+            record_failed,
+            denied,
+            strict_dropped,
+            dns_queries = get(&d.queries),
+            dns_refused = get(&d.refused),
+            dns_tunnel_suspects = get(&d.tunnel_suspects),
+            dns_upstream_failures = get(&d.upstream_failures),
+            dns_no_record = get(&d.no_record),
+            "sandbox removed"
+        );
     }
 }
 

@@ -45,6 +45,7 @@ pub enum Record {
     Request(RequestRecord),
     Connection(ConnectionRecord),
     KernelDeny(KernelRecord),
+    Dns(DnsRecord),
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -104,6 +105,35 @@ pub struct KernelRecord {
     pub dst: String,
     pub decision: &'static str,
     pub reason: &'static str,
+}
+
+/// One DNS query a sandbox sent, and what egress did with it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DnsRecord {
+    pub ts: String,
+    pub sandbox: String,
+    pub pid: u32,
+    pub comm: String,
+    pub client: String,
+    /// The resolver the program addressed (the kernel sent the query to egress instead).
+    pub resolver: String,
+    /// udp or tcp.
+    pub transport: &'static str,
+    pub name: String,
+    pub qtype: String,
+    /// allow, deny, warn.
+    pub decision: &'static str,
+    /// The allow or deny entry that decided.
+    pub rule: String,
+    /// NOERROR, NXDOMAIN, SERVFAIL, ...
+    pub rcode: String,
+    /// The A and AAAA addresses of the answer.
+    pub answers: Vec<String>,
+    pub reason: Option<String>,
+    /// Set when a refused name looked like DNS tunnelling.
+    pub suspect: Option<crate::dns::tunnel::Suspicion>,
+    pub duration_ms: u64,
+    pub error: Option<String>,
 }
 
 /// Current time as RFC 3339 with milliseconds, UTC.

@@ -24,7 +24,8 @@ use aya::{
     Ebpf,
 };
 use egress_common::{
-    maps, programs, Allow4, Allow6, Counter, OrigDst, PortKey, Sandbox, SockKey, ALLOW_FIXED_PREFIX,
+    maps, programs, Allow4, Allow6, Counter, DnsPeerKey, OrigDst, PortKey, Sandbox, SockKey,
+    ALLOW_FIXED_PREFIX, SANDBOX_STRICT,
 };
 
 use crate::{addr, policy::TcpAllow};
@@ -100,8 +101,13 @@ pub struct SandboxSpec {
     pub id: u32,
     pub listen4: SocketAddrV4,
     pub listen6: SocketAddrV6,
+    /// DNS listener ports (UDP and TCP) on the listen4/listen6 addresses.
+    pub dns4_port: u16,
+    pub dns6_port: u16,
     pub intercept_ports: Vec<u16>,
     pub allow_tcp: Vec<TcpAllow>,
+    /// Attach the `--strict` backstop.
+    pub strict: bool,
 }
 
 /// Loaded programs plus the control-side maps.
@@ -130,18 +136,44 @@ impl OrigDstTable {
     }
 }
 
-/// Every (program, attach point) pair, in attach order: the re-keying and clean-up hooks go
-/// first so that no rewritten connect can miss them.
+/// Who is behind each datagram the DNS listener receives, as the kernel saw it leave.
+pub struct DnsPeerTable {
+    map: Mutex<HashMap<MapData, DnsPeerKey, OrigDst>>,
+}
+
+impl DnsPeerTable {
+    /// The sender of a datagram from source `port` in the namespace `netns`. Not deleted:
+    /// a UDP socket sends many queries; the entry is overwritten by the port's next owner.
+    pub fn get(&self, netns: u64, port: u16) -> Option<OrigDst> {
+        let key = DnsPeerKey {
+            netns,
+            port: port.into(),
+            _pad: 0,
+        };
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&key, 0).ok()
+    }
+}
+
+/// Every program attached to each sandbox, in attach order: the re-keying, naming and
+/// clean-up hooks go first so that no rewritten connect or send can miss them. The
+/// cgroup_skb program (one of [`programs::SKB`] and [`programs::SKB_STRICT`]) comes first.
 const ATTACH: &[&str] = &[
     programs::SOCK_RELEASE,
     programs::SOCKOPS,
     programs::GETPEERNAME4,
     programs::GETPEERNAME6,
+    programs::RECVMSG4,
+    programs::RECVMSG6,
+    programs::SOCK_CREATE,
     programs::SENDMSG4,
     programs::SENDMSG6,
     programs::CONNECT4,
     programs::CONNECT6,
 ];
+
+/// Loaded but attached per sandbox, one or the other.
+const SKB_PROGRAMS: &[&str] = &[programs::SKB, programs::SKB_STRICT];
 
 /// Maps pinned beside the links, so that tests and operators can inspect a live run.
 const PINNED_MAPS: &[&str] = &[
@@ -149,12 +181,22 @@ const PINNED_MAPS: &[&str] = &[
     maps::ORIG_BY_TUPLE,
     maps::SANDBOXES,
     maps::COUNTERS,
+    maps::DNS_BY_COOKIE,
+    maps::DNS_PEERS,
 ];
+
+/// What [`Kernel::load`] hands to the data path.
+pub struct Loaded {
+    pub kernel: Kernel,
+    pub orig_dst: OrigDstTable,
+    pub dns_peers: DnsPeerTable,
+    pub events: RingBuf<MapData>,
+}
 
 impl Kernel {
     /// Loads and verifies every program, and pins the inspection maps under `pin_dir`.
     /// Needs CAP_BPF and CAP_NET_ADMIN (or root).
-    pub fn load(pin_dir: &Path) -> Result<(Self, OrigDstTable, RingBuf<MapData>), Error> {
+    pub fn load(pin_dir: &Path) -> Result<Loaded, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NotEmbedded);
         }
@@ -165,7 +207,7 @@ impl Kernel {
             nix::sys::resource::RLIM_INFINITY,
         );
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
-        for name in ATTACH {
+        for name in ATTACH.iter().chain(SKB_PROGRAMS) {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(Error::MissingProgram { name })?;
@@ -173,6 +215,7 @@ impl Kernel {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::CgroupSock(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::CgroupSkb(p) => p.load(),
                 _ => return Err(Error::MissingProgram { name }),
             };
             r.map_err(prog_err(name, "load"))?;
@@ -212,9 +255,20 @@ impl Kernel {
                     .map_err(map_err(maps::ORIG_BY_TUPLE, "open"))?,
             ),
         };
+        let dns_peers = DnsPeerTable {
+            map: Mutex::new(
+                HashMap::try_from(take(&mut kernel.ebpf, maps::DNS_PEERS)?)
+                    .map_err(map_err(maps::DNS_PEERS, "open"))?,
+            ),
+        };
         let events = RingBuf::try_from(take(&mut kernel.ebpf, maps::EVENTS)?)
             .map_err(map_err(maps::EVENTS, "open"))?;
-        Ok((kernel, table, events))
+        Ok(Loaded {
+            kernel,
+            orig_dst: table,
+            dns_peers,
+            events,
+        })
     }
 
     /// Adds a sandbox's rows to the maps, then attaches every program to its cgroup and pins
@@ -287,6 +341,10 @@ impl Kernel {
             listen4_port: spec.listen4.port().into(),
             listen6_addr: addr::v6_words(spec.listen6.ip()),
             listen6_port: spec.listen6.port().into(),
+            dns4_port: spec.dns4_port.into(),
+            dns6_port: spec.dns6_port.into(),
+            flags: if spec.strict { SANDBOX_STRICT } else { 0 },
+            _pad: 0,
         };
         self.sandboxes
             .insert(cgroup_id, row, 0)
@@ -296,7 +354,12 @@ impl Kernel {
             path: cgroup_dir.to_owned(),
             source: Box::new(source),
         })?;
-        for name in ATTACH {
+        let skb = if spec.strict {
+            programs::SKB_STRICT
+        } else {
+            programs::SKB
+        };
+        for name in std::iter::once(&skb).chain(ATTACH) {
             let link = self.attach(name, cgroup.as_fd())?;
             let path = pin_dir.join(name);
             let pinned = link.pin(&path).map_err(|e| Error::Pin {
@@ -334,6 +397,13 @@ impl Kernel {
             Program::CgroupSockAddr(p) => attach_fd!(p),
             Program::CgroupSock(p) => attach_fd!(p),
             Program::SockOps(p) => attach_fd!(p),
+            Program::CgroupSkb(p) => {
+                let id = p
+                    .attach(cgroup, aya::programs::CgroupSkbAttachType::Egress, mode)
+                    .map_err(prog_err(name, "attach"))?;
+                let link = p.take_link(id).map_err(prog_err(name, "attach"))?;
+                FdLink::try_from(link).map_err(link_err)?
+            }
             _ => return Err(Error::MissingProgram { name }),
         })
     }

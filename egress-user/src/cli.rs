@@ -25,14 +25,18 @@ Examples:
   sudo egress run --user alice --allow-port 22 -- git fetch
   sudo egress run --intercept-port 80 --intercept-port 8080 -- python3 agent.py
   sudo egress --log-format json --log-file /tmp/egress.log run --isolate-net -- ./agent
+  sudo egress run --allow api.example.com --dns-pinning --strict -- ./agent
+  sudo egress run --dns-upstream 10.0.0.2 --allow '*.internal.example' -- ./agent
 
 What the sandbox may do:
   TCP to an intercepted port (80 and 443 unless --intercept-port is given) goes to the proxy.
   HTTPS is decrypted with a certificate from the egress CA (which the command is told to trust
   through SSL_CERT_FILE and friends), and each request must name an --allow'ed host, else it
   gets a 403. --passthrough hosts are spliced without decryption. TCP to a destination allowed
-  with --allow-tcp/--allow-port goes direct. UDP to port 53 passes. Everything else is
-  refused with EPERM and logged.
+  with --allow-tcp/--allow-port goes direct. DNS (UDP or TCP port 53, to any resolver)
+  goes to egress's DNS listener, which answers only names the sandbox may reach (others get
+  NXDOMAIN) by asking --dns-upstream or the host's resolvers. Everything else (other UDP,
+  QUIC, DNS over TLS on 853, ICMP) is refused with EPERM and logged.
 
 Host patterns: `example.com` (exactly), `*.example.com` (every subdomain, NOT example.com
 itself), `*` (everything), an IP or CIDR (IP-literal hosts).
@@ -111,7 +115,7 @@ pub struct LogViewArgs {
     /// Only records whose host, SNI or destination contains this text.
     #[arg(long)]
     pub host: Option<String>,
-    /// Only this kind of record: request, connection, kernel_deny.
+    /// Only this kind of record: request, connection, kernel_deny, dns.
     #[arg(long)]
     pub event: Option<String>,
 }
@@ -180,8 +184,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub warn: bool,
     /// Turn off a guard that is on by default: `private-ranges` (refuse loopback,
-    /// link-local, metadata and private destinations) or `domain-fronting` (refuse requests
-    /// whose TLS server name and Host differ). Repeatable.
+    /// link-local, metadata and private destinations), `domain-fronting` (refuse requests
+    /// whose TLS server name and Host differ) or `doh` (refuse well-known DNS-over-HTTPS
+    /// resolvers and DNS messages over HTTP). Repeatable.
     #[arg(long = "no-guard", value_name = "GUARD", value_enum)]
     pub no_guard: Vec<GuardName>,
     /// Destinations exempt from the private-range guard, e.g. 10.0.0.0/8 (repeatable).
@@ -209,6 +214,20 @@ pub struct RunArgs {
     /// it, so the proxy is the only way out.
     #[arg(long)]
     pub isolate_net: bool,
+    /// Resolver the DNS listener forwards permitted queries to: IP or IP:PORT, [IPv6]:PORT
+    /// (repeatable, tried in order). Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_dns_upstream)]
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// DNS pinning: refuse a connection whose TLS server name or Host did not resolve,
+    /// through egress's DNS, to the address the client connected to (policy key
+    /// `dns_pinning`).
+    #[arg(long)]
+    pub dns_pinning: bool,
+    /// Also drop, in the kernel, every packet from the sandbox whose destination is neither
+    /// egress's listeners nor an --allow-tcp allowance (a backstop behind the socket hooks;
+    /// a server in the sandbox cannot answer outside clients then).
+    #[arg(long)]
+    pub strict: bool,
     /// Run the command as this user (name or uid). Default: the user who invoked sudo
     /// ($SUDO_UID), else `nobody`. Root is refused: it could detach the sandbox.
     #[arg(long, value_name = "USER")]
@@ -222,6 +241,7 @@ pub struct RunArgs {
 pub enum GuardName {
     PrivateRanges,
     DomainFronting,
+    Doh,
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +327,9 @@ pub struct RunConfig {
     pub intercept_ports: Vec<u16>,
     pub allow_tcp: Vec<TcpAllow>,
     pub isolate_net: bool,
+    /// Empty: the nameservers of /etc/resolv.conf.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    pub strict: bool,
     pub user: SandboxUser,
     pub command: Vec<OsString>,
 }
@@ -345,6 +368,12 @@ impl RunArgs {
                 ),
             });
         }
+        if intercept_ports.contains(&53) || allow_tcp.iter().any(|a| a.port == 53) {
+            return Err(UsageError {
+                flag: "--intercept-port/--allow-tcp/--allow-port",
+                why: "port 53 always goes to egress's DNS listener".into(),
+            });
+        }
         if self.command.first().is_none_or(|c| c.is_empty()) {
             return Err(UsageError {
                 flag: "CMD",
@@ -364,6 +393,8 @@ impl RunArgs {
                 warn: self.warn,
                 no_private_guard: self.no_guard.contains(&GuardName::PrivateRanges),
                 no_fronting_guard: self.no_guard.contains(&GuardName::DomainFronting),
+                no_doh_guard: self.no_guard.contains(&GuardName::Doh),
+                dns_pinning: self.dns_pinning,
             },
             audit: self.audit.sink(&self.tls.confdir),
             audit_query: self.audit.audit_query,
@@ -371,10 +402,22 @@ impl RunArgs {
             intercept_ports,
             allow_tcp,
             isolate_net: self.isolate_net,
+            dns_upstreams: self.dns_upstreams,
+            strict: self.strict,
             user,
             command: self.command,
         })
     }
+}
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when none is given.
+fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse().map_err(|_| {
+        format!("{s:?} is not a resolver address; examples: 10.0.0.2, 127.0.0.1:5353, [2001:db8::53]:53")
+    })
 }
 
 fn resolve_user(flag: Option<&str>) -> Result<SandboxUser, UsageError> {
@@ -436,6 +479,45 @@ mod tests {
         match parse(args).unwrap().command {
             Command::Run(r) => *r,
             other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dns_upstreams_take_a_default_port_and_refuse_names() {
+        let c = run_args(&[
+            "run",
+            "--user",
+            "nobody",
+            "--dns-upstream",
+            "10.0.0.2",
+            "--dns-upstream",
+            "127.0.0.1:5353",
+            "--dns-upstream",
+            "[2001:db8::53]:53",
+            "--",
+            "true",
+        ])
+        .validate()
+        .unwrap();
+        let want: Vec<std::net::SocketAddr> =
+            ["10.0.0.2:53", "127.0.0.1:5353", "[2001:db8::53]:53"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect();
+        assert_eq!(c.dns_upstreams, want);
+        let e = parse(&["run", "--dns-upstream", "dns.example", "--", "true"]).unwrap_err();
+        assert!(e.to_string().contains("--dns-upstream"), "{e}");
+        assert!(e.to_string().contains("examples:"), "{e}");
+    }
+
+    #[test]
+    fn port_53_cannot_be_intercepted_or_allowed() {
+        for flags in [["--intercept-port", "53"], ["--allow-port", "53"]] {
+            let mut args = vec!["run", "--user", "nobody"];
+            args.extend(flags);
+            args.extend(["--", "true"]);
+            let e = run_args(&args).validate().unwrap_err();
+            assert!(e.why.contains("DNS listener"), "{e}");
         }
     }
 

@@ -31,11 +31,25 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
     })
 }
 
+fn protocol_name(p: u32) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        255 => "raw".into(),
+        262 => "mptcp".into(),
+        p => p.to_string(),
+    }
+}
+
 fn describe(kind: u32) -> &'static str {
     match EventKind::from_u32(kind) {
         Some(EventKind::DenyTcpConnect) => "tcp connect refused",
         Some(EventKind::DenyUdp) => "udp refused",
         Some(EventKind::DenyProtocol) => "socket protocol refused",
+        Some(EventKind::DenySocket) => "socket type refused at creation (only TCP and UDP)",
         Some(EventKind::DenyNoSandbox) => "socket outside any sandbox refused",
         Some(EventKind::RecordFailed) => "original destination not recorded; proxy will refuse",
         None => "unknown kernel event",
@@ -89,12 +103,13 @@ fn drain(
                         .unwrap_or_else(|| ev.sandbox.to_string()),
                     pid: ev.tgid,
                     comm: addr::comm(&ev.comm),
-                    protocol: match ev.protocol {
-                        6 => "tcp".into(),
-                        17 => "udp".into(),
-                        p => p.to_string(),
+                    protocol: protocol_name(ev.protocol),
+                    // Refused at creation: there is no destination yet.
+                    dst: if ev.kind == EventKind::DenySocket as u32 {
+                        "-".into()
+                    } else {
+                        dst.to_string()
                     },
-                    dst: dst.to_string(),
                     decision: if ev.kind == EventKind::RecordFailed as u32 {
                         "error"
                     } else {

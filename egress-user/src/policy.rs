@@ -145,6 +145,8 @@ pub struct PolicyFlags {
     pub warn: bool,
     pub no_private_guard: bool,
     pub no_fronting_guard: bool,
+    pub no_doh_guard: bool,
+    pub dns_pinning: bool,
 }
 
 /// What the data path consults: one sandbox's compiled policy and its loaded secrets.
@@ -197,6 +199,7 @@ pub fn compile(
             private_ok: vec![],
             rules: vec![],
             secrets: vec![],
+            dns_pinning: false,
         },
         Some(path) => {
             let mut f = file::load(path)?;
@@ -236,6 +239,12 @@ pub fn compile(
     }
     if flags.no_fronting_guard {
         sandbox.guards.domain_fronting = false;
+    }
+    if flags.no_doh_guard {
+        sandbox.guards.doh = false;
+    }
+    if flags.dns_pinning {
+        sandbox.dns_pinning = true;
     }
     let mut secrets = Vec::new();
     for spec in &sandbox.secrets {

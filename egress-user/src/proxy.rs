@@ -59,6 +59,8 @@ pub struct Ctx {
     pub audit_query: bool,
     /// Sandbox id (as the kernel reports it) → name, for audit records.
     pub sandbox_names: std::collections::HashMap<u32, String>,
+    /// What each sandbox's names resolved to through the DNS listener (DNS pinning).
+    pub pins: Arc<crate::dns::pins::Pins>,
 }
 
 impl Ctx {
@@ -236,8 +238,10 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
             let live = ctx.policy.load_full();
             match live.sandbox.host_decision(&name) {
                 HostDecision::Passthrough { rule } => {
+                    let dst = meta.orig_dst.0.ip();
+                    let resolved = |n: &str| ctx.pins.resolves_to(meta.sandbox, n, dst);
                     if let Some(reason) =
-                        decide::connection_refusal(&live.sandbox, meta.orig_dst.0.ip())
+                        decide::connection_refusal(&live.sandbox, &name, dst, &resolved)
                     {
                         warn!(sni = %name, reason, "passthrough connection refused");
                         let rec = ConnectionRecord {

@@ -21,7 +21,7 @@ impl Filter {
             && self.decision.as_deref().is_none_or(|x| s("decision") == x)
             && self.event.as_deref().is_none_or(|x| s("event") == x)
             && self.host.as_deref().is_none_or(|x| {
-                [s("host"), s("sni"), s("dst"), s("orig_dst")]
+                [s("host"), s("sni"), s("dst"), s("orig_dst"), s("name")]
                     .iter()
                     .any(|f| f.contains(x))
             })
@@ -87,6 +87,14 @@ pub fn render(v: &Value) -> String {
             s("protocol"),
             s("dst"),
             s("reason")
+        ),
+        Some("dns") => format!(
+            "{head} dns {} {} {} {}{}",
+            s("transport"),
+            s("qtype"),
+            s("name"),
+            s("rcode"),
+            why(v)
         ),
         _ => format!("{head} {v}"),
     }

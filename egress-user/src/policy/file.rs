@@ -71,7 +71,7 @@ pub enum Mode {
     Warn,
 }
 
-/// Checks that apply whatever the lists say. Both are on unless turned off explicitly.
+/// Checks that apply whatever the lists say. All are on unless turned off explicitly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Guards {
     /// Refuse loopback, link-local, metadata and private destinations
@@ -79,6 +79,10 @@ pub struct Guards {
     pub private_ranges: bool,
     /// Refuse a request whose Host differs from the TLS server name.
     pub domain_fronting: bool,
+    /// Refuse DNS over HTTPS: well-known DoH resolvers ([`is_doh_resolver`]) unless an
+    /// exact (not wildcard) allow or passthrough entry names them, and any request that
+    /// carries DNS messages (`application/dns-message`).
+    pub doh: bool,
 }
 
 impl Default for Guards {
@@ -86,8 +90,76 @@ impl Default for Guards {
         Self {
             private_ranges: true,
             domain_fronting: true,
+            doh: true,
         }
     }
+}
+
+/// Public DNS-over-HTTPS endpoints. A policy of `allow = ["*"]` would otherwise let a
+/// sandbox resolve (and so exfiltrate) anything through them, beyond the DNS listener.
+pub const DOH_RESOLVERS: &[&str] = &[
+    "dns.google",
+    "dns.google.com",
+    "dns64.dns.google",
+    "cloudflare-dns.com",
+    "*.cloudflare-dns.com",
+    "one.one.one.one",
+    "1dot1dot1dot1.cloudflare-dns.com",
+    "dns.quad9.net",
+    "*.quad9.net",
+    "doh.opendns.com",
+    "*.opendns.com",
+    "dns.adguard.com",
+    "*.adguard-dns.com",
+    "dns.nextdns.io",
+    "*.nextdns.io",
+    "doh.cleanbrowsing.org",
+    "*.cleanbrowsing.org",
+    "dns.sb",
+    "doh.dns.sb",
+    "doh.pub",
+    "dns.alidns.com",
+    "doh.mullvad.net",
+    "*.mullvad.net",
+    "dns.controld.com",
+    "freedns.controld.com",
+    "doh.libredns.gr",
+    "dns0.eu",
+    "*.dns0.eu",
+    // IP-literal DoH (https://1.1.1.1/dns-query).
+    "1.1.1.1",
+    "1.0.0.1",
+    "8.8.8.8",
+    "8.8.4.4",
+    "9.9.9.9",
+    "149.112.112.112",
+    "208.67.222.222",
+    "208.67.220.220",
+    "94.140.14.14",
+    "94.140.15.15",
+    "2606:4700:4700::1111",
+    "2606:4700:4700::1001",
+    "2001:4860:4860::8888",
+    "2001:4860:4860::8844",
+    "2620:fe::fe",
+    "2620:fe::9",
+];
+
+/// The `rule` of a refusal by the DoH guard.
+pub const DOH_RULE: &str = "guard:doh";
+
+/// Whether `host` (normalized) is a well-known DNS-over-HTTPS resolver.
+pub fn is_doh_resolver(host: &str) -> bool {
+    static PATTERNS: std::sync::OnceLock<Vec<HostPattern>> = std::sync::OnceLock::new();
+    PATTERNS
+        .get_or_init(|| {
+            DOH_RESOLVERS
+                .iter()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .iter()
+        .any(|p| p.matches(host))
 }
 
 /// One sandbox's compiled policy. Host lists are default deny: a host must match `allow`
@@ -108,6 +180,9 @@ pub struct SandboxPolicy {
     /// Tried in order; the first whose `host` matches decides.
     pub rules: Vec<HostRule>,
     pub secrets: Vec<SecretSpec>,
+    /// Refuse a connection whose TLS server name or Host did not resolve, through the DNS
+    /// listener and for this sandbox, to the address the client connected to.
+    pub dns_pinning: bool,
 }
 
 /// Per-host refinements of an allowed host. A rule never admits a host on its own: the host
@@ -275,6 +350,12 @@ impl SandboxPolicy {
                 rule,
             };
         }
+        if self.guards.doh && is_doh_resolver(&host) && !self.names_exactly(&host) {
+            return HostDecision::Deny {
+                reason: "a well-known DNS-over-HTTPS resolver (guard `doh`); allow it by its exact name to use it",
+                rule: DOH_RULE.to_owned(),
+            };
+        }
         if let Some(rule) = find(&self.passthrough) {
             return HostDecision::Passthrough { rule };
         }
@@ -321,6 +402,18 @@ impl SandboxPolicy {
             }
         }
         RequestDecision::Allow { rule: Some(rule) }
+    }
+
+    /// Whether an allow or passthrough entry names `host` exactly: a name without
+    /// wildcard, or a single address.
+    fn names_exactly(&self, host: &str) -> bool {
+        self.allow.iter().chain(&self.passthrough).any(|p| match p {
+            HostPattern::Exact(n) => n == host,
+            HostPattern::Net(n) => {
+                n.prefix == if n.addr.is_ipv4() { 32 } else { 128 } && p.matches(host)
+            }
+            HostPattern::Any | HostPattern::Subdomains(_) => false,
+        })
     }
 
     /// Whether `private_ok` exempts `ip` from the private-range guard.
@@ -480,6 +573,7 @@ type StringMap = BTreeMap<Spanned<String>, Spanned<String>>;
 #[serde(deny_unknown_fields)]
 struct RawSandbox {
     mode: Option<Mode>,
+    dns_pinning: Option<bool>,
     guards: Option<RawGuards>,
     #[serde(default)]
     allow: Strings,
@@ -502,6 +596,7 @@ struct RawSandbox {
 struct RawGuards {
     private_ranges: Option<bool>,
     domain_fronting: Option<bool>,
+    doh: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -537,8 +632,10 @@ struct Source<'a> {
 /// One sandbox (or `[defaults]`) compiled on its own, before the two are merged.
 struct Parts {
     mode: Option<Mode>,
+    dns_pinning: Option<bool>,
     private_ranges: Option<bool>,
     domain_fronting: Option<bool>,
+    doh: Option<bool>,
     allow: Vec<HostPattern>,
     deny: Vec<HostPattern>,
     passthrough: Vec<HostPattern>,
@@ -620,6 +717,7 @@ impl Source<'_> {
         let guards = raw.guards.unwrap_or(RawGuards {
             private_ranges: None,
             domain_fronting: None,
+            doh: None,
         });
         let hosts = |list: Strings, name: &str| {
             self.list(list, &child(key, name), |s| {
@@ -628,8 +726,10 @@ impl Source<'_> {
         };
         Ok(Parts {
             mode: raw.mode,
+            dns_pinning: raw.dns_pinning,
             private_ranges: guards.private_ranges,
             domain_fronting: guards.domain_fronting,
+            doh: guards.doh,
             allow: hosts(raw.allow, "allow")?,
             deny: hosts(raw.deny, "deny")?,
             passthrough: hosts(raw.passthrough, "passthrough")?,
@@ -832,6 +932,7 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
             .domain_fronting
             .or(d.and_then(|d| d.domain_fronting))
             .unwrap_or(true),
+        doh: own.doh.or(d.and_then(|d| d.doh)).unwrap_or(true),
     };
     let mut rules = cat(own.rules, d.map(|d| &d.rules));
     for (i, r) in rules.iter_mut().enumerate() {
@@ -857,6 +958,10 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
         private_ok: cat(own.private_ok, d.map(|d| &d.private_ok)),
         rules,
         secrets,
+        dns_pinning: own
+            .dns_pinning
+            .or(d.and_then(|d| d.dns_pinning))
+            .unwrap_or(false),
     }
 }
 
@@ -1038,7 +1143,8 @@ mod tests {
             a.guards,
             Guards {
                 private_ranges: false,
-                domain_fronting: true
+                domain_fronting: true,
+                doh: true
             }
         );
         assert_eq!(
@@ -1148,7 +1254,8 @@ hosts = ["a.example"]
             s.guards,
             Guards {
                 private_ranges: true,
-                domain_fronting: false
+                domain_fronting: false,
+                doh: true
             }
         );
         assert_eq!(s.allow, pats(&["github.com", "pypi.org"]));
@@ -1181,7 +1288,8 @@ hosts = ["a.example"]
             l.guards,
             Guards {
                 private_ranges: false,
-                domain_fronting: false
+                domain_fronting: false,
+                doh: true
             }
         );
         assert_eq!(l.allow, pats(&["pypi.org"]));
@@ -1690,5 +1798,58 @@ methods = ["POST"]
         let e = load(&missing).expect_err("missing file");
         assert!(matches!(&e, PolicyError::Read { path, .. } if *path == missing));
         assert!(e.to_string().contains("nope.toml"), "{e}");
+    }
+
+    #[test]
+    fn doh_resolvers_need_an_exact_entry() {
+        let any = agent("[sandbox.agent]\nallow = [\"*\"]\n");
+        for h in [
+            "dns.google",
+            "cloudflare-dns.com",
+            "mozilla.cloudflare-dns.com",
+            "1.1.1.1",
+        ] {
+            assert!(
+                matches!(any.host_decision(h), HostDecision::Deny { ref rule, .. } if rule == DOH_RULE),
+                "{h} passed under allow = [\"*\"]"
+            );
+        }
+        assert!(matches!(
+            any.host_decision("pypi.org"),
+            HostDecision::Allow { .. }
+        ));
+        let named = agent("[sandbox.agent]\nallow = [\"dns.google\", \"*.quad9.net\"]\n");
+        assert!(matches!(
+            named.host_decision("dns.google"),
+            HostDecision::Allow { .. }
+        ));
+        assert!(
+            matches!(
+                named.host_decision("dns.quad9.net"),
+                HostDecision::Deny { .. }
+            ),
+            "a wildcard is not an exact entry"
+        );
+        let off = agent("[sandbox.agent]\nallow = [\"*\"]\nguards = { doh = false }\n");
+        assert!(matches!(
+            off.host_decision("dns.google"),
+            HostDecision::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn dns_pinning_is_off_unless_set_and_inherits_from_defaults() {
+        assert!(!agent("[sandbox.agent]\n").dns_pinning);
+        assert!(agent("[sandbox.agent]\ndns_pinning = true\n").dns_pinning);
+        assert!(agent("[defaults]\ndns_pinning = true\n[sandbox.agent]\n").dns_pinning);
+        assert!(
+            !agent("[defaults]\ndns_pinning = true\n[sandbox.agent]\ndns_pinning = false\n")
+                .dns_pinning
+        );
+        assert_error(
+            "[sandbox.agent]\ndns_pinning = \"yes\"\n",
+            "p.toml:2:15: sandbox.agent.dns_pinning: ",
+            "invalid type",
+        );
     }
 }

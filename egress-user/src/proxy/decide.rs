@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::policy::file::{
-    is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy,
+    is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy, DOH_RULE,
 };
 
 /// What happens to a request.
@@ -32,23 +32,45 @@ struct Refusal {
     code: &'static str,
 }
 
+/// What a request is judged on.
+pub struct Subject<'a> {
+    pub sni: Option<&'a str>,
+    pub host: &'a str,
+    pub method: &'a http::Method,
+    pub path: &'a str,
+    pub headers: &'a http::HeaderMap,
+    /// The address the client connected to.
+    pub dst: IpAddr,
+}
+
+/// Media types of DNS messages carried over HTTP (RFC 8484, and the JSON API of public
+/// resolvers).
+const DOH_MEDIA_TYPES: [&str; 2] = ["application/dns-message", "application/dns-json"];
+
 /// Checks, in order: the TLS server name, SNI/Host agreement (domain fronting), the host
-/// lists and per-host rules, and private destinations (SSRF). The first refusal decides.
+/// lists and per-host rules, DNS messages over HTTP, DNS pinning, and private destinations
+/// (SSRF). The first refusal decides. `resolved(name)` says whether `name` resolved to the
+/// destination through the DNS listener.
 pub fn request<'p>(
     p: &'p SandboxPolicy,
-    sni: Option<&str>,
-    host: &str,
-    method: &http::Method,
-    path: &str,
-    dst: IpAddr,
+    s: &Subject<'_>,
+    resolved: &dyn Fn(&str) -> bool,
 ) -> Verdict<'p> {
+    let Subject {
+        sni,
+        host,
+        method,
+        path,
+        headers,
+        dst,
+    } = *s;
     let mut refusal = None;
     if let Some(sni) = sni {
         if let HostDecision::Deny { reason, rule } = p.host_decision(sni) {
             refusal = Some(Refusal {
                 reason: format!("TLS server name: {reason}"),
+                code: host_code(&rule),
                 rule,
-                code: "host-not-allowed",
             });
         } else if p.guards.domain_fronting && sni != host {
             refusal = Some(Refusal {
@@ -62,8 +84,8 @@ pub fn request<'p>(
         RequestDecision::Deny { reason, rule } => {
             refusal.get_or_insert(Refusal {
                 reason,
+                code: if rule == DOH_RULE { "doh" } else { "policy" },
                 rule,
-                code: "policy",
             });
             (String::new(), None)
         }
@@ -71,6 +93,12 @@ pub fn request<'p>(
             (rule.map(|r| r.host.to_string()).unwrap_or_default(), rule)
         }
     };
+    if refusal.is_none() && p.guards.doh {
+        refusal = doh_message_refusal(headers);
+    }
+    if refusal.is_none() {
+        refusal = pinning_refusal(p, sni.unwrap_or(host), dst, resolved);
+    }
     if refusal.is_none() {
         if let Some(r) = private_refusal(p, dst) {
             refusal = Some(r);
@@ -109,6 +137,53 @@ pub fn request<'p>(
     }
 }
 
+fn host_code(rule: &str) -> &'static str {
+    if rule == DOH_RULE {
+        "doh"
+    } else {
+        "host-not-allowed"
+    }
+}
+
+/// The DoH guard's second half: DNS messages to any host, not only the well-known ones.
+fn doh_message_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
+    let carries_dns = [http::header::CONTENT_TYPE, http::header::ACCEPT]
+        .iter()
+        .flat_map(|h| headers.get_all(h))
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            let v = v.to_ascii_lowercase();
+            DOH_MEDIA_TYPES.iter().any(|t| v.contains(t))
+        });
+    carries_dns.then(|| Refusal {
+        reason: "DNS messages over HTTP (DNS over HTTPS, guard `doh`)".into(),
+        rule: DOH_RULE.into(),
+        code: "doh",
+    })
+}
+
+/// DNS pinning: `name` must have resolved to `dst` through the DNS listener. IP-literal
+/// hosts are judged by the IP rules instead.
+fn pinning_refusal(
+    p: &SandboxPolicy,
+    name: &str,
+    dst: IpAddr,
+    resolved: &dyn Fn(&str) -> bool,
+) -> Option<Refusal> {
+    let name = crate::policy::normalize_host(name);
+    if !p.dns_pinning || name.parse::<IpAddr>().is_ok() || resolved(&name) {
+        return None;
+    }
+    Some(Refusal {
+        reason: format!(
+            "DNS pinning: {name} did not resolve to {} through egress's DNS",
+            dst.to_canonical()
+        ),
+        rule: String::new(),
+        code: "dns-pinning",
+    })
+}
+
 /// The SSRF guard: loopback, link-local, metadata and private destinations are refused
 /// unless the policy names them (`private_ok`, or an IP/CIDR in the allow list).
 fn private_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
@@ -128,8 +203,112 @@ fn private_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
     })
 }
 
-/// For connections refused before any request (passthrough): the private-range guard only.
-pub fn connection_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<String> {
-    let r = private_refusal(p, dst)?;
+/// For connections refused before any request (passthrough): DNS pinning of the server
+/// name, and the private-range guard.
+pub fn connection_refusal(
+    p: &SandboxPolicy,
+    name: &str,
+    dst: IpAddr,
+    resolved: &dyn Fn(&str) -> bool,
+) -> Option<String> {
+    let r = pinning_refusal(p, name, dst, resolved).or_else(|| private_refusal(p, dst))?;
     (p.mode != Mode::Warn).then_some(r.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile, PolicyFlags};
+
+    fn policy(flags: PolicyFlags) -> SandboxPolicy {
+        compile(None, None, &flags).expect("flags compile").sandbox
+    }
+
+    fn allow(hosts: &[&str]) -> PolicyFlags {
+        PolicyFlags {
+            allow: hosts.iter().map(|h| h.parse().unwrap()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn judge(
+        p: &SandboxPolicy,
+        host: &str,
+        headers: &http::HeaderMap,
+        resolved: bool,
+    ) -> (&'static str, &'static str) {
+        let v = request(
+            p,
+            &Subject {
+                sni: Some(host),
+                host,
+                method: &http::Method::GET,
+                path: "/",
+                headers,
+                dst: "203.0.113.9".parse().unwrap(),
+            },
+            &|_| resolved,
+        );
+        (v.decision, v.code)
+    }
+
+    #[test]
+    fn pinning_refuses_names_that_did_not_resolve_to_the_destination() {
+        let none = http::HeaderMap::new();
+        let mut flags = allow(&["api.example"]);
+        assert_eq!(
+            judge(&policy(flags.clone()), "api.example", &none, false),
+            ("allow", ""),
+            "pinning is off by default"
+        );
+        flags.dns_pinning = true;
+        let p = policy(flags);
+        assert_eq!(judge(&p, "api.example", &none, true), ("allow", ""));
+        assert_eq!(
+            judge(&p, "api.example", &none, false),
+            ("deny", "dns-pinning")
+        );
+        // A host refused by the lists is reported as such, not as a pinning failure.
+        assert_eq!(
+            judge(&p, "other.example", &none, false),
+            ("deny", "host-not-allowed")
+        );
+    }
+
+    #[test]
+    fn dns_messages_over_http_are_refused_to_any_host() {
+        let p = policy(allow(&["api.example"]));
+        for (h, v) in [
+            (http::header::ACCEPT, "application/dns-message"),
+            (http::header::CONTENT_TYPE, "application/dns-message"),
+            (http::header::ACCEPT, "application/dns-json, */*"),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(h.clone(), http::HeaderValue::from_static(v));
+            assert_eq!(
+                judge(&p, "api.example", &headers, true),
+                ("deny", "doh"),
+                "{h}: {v}"
+            );
+        }
+        let mut flags = allow(&["api.example"]);
+        flags.no_doh_guard = true;
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("application/dns-message"),
+        );
+        assert_eq!(
+            judge(&policy(flags), "api.example", &headers, true),
+            ("allow", "")
+        );
+    }
+
+    #[test]
+    fn well_known_doh_hosts_are_refused_under_a_wildcard() {
+        let p = policy(allow(&["*"]));
+        let none = http::HeaderMap::new();
+        assert_eq!(judge(&p, "dns.google", &none, true), ("deny", "doh"));
+        assert_eq!(judge(&p, "example.org", &none, true), ("allow", ""));
+    }
 }

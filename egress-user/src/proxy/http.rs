@@ -106,6 +106,25 @@ fn upstream_failed(e: &super::upstream::Error) -> Response<Body> {
     r
 }
 
+/// Most of a refused request's body read before the 403 goes out. Left unread, HTTP/2
+/// ends the stream with RST_STREAM(NO_ERROR) right after the response, which some clients
+/// (curl 7.88) report as a framing error instead of showing the 403. Bounded in size and
+/// time; nothing read is forwarded anywhere.
+async fn drain_refused_body(mut body: Incoming) {
+    const LIMIT: usize = 1024 * 1024;
+    const TIME: std::time::Duration = std::time::Duration::from_secs(2);
+    let drain = async {
+        let mut seen = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(TIME, drain).await;
+}
+
 fn is_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == http::Version::HTTP_11
         && req.headers().contains_key(http::header::UPGRADE)
@@ -223,17 +242,22 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
     };
 
     let live = ctx.policy.load_full();
+    let dst = meta.orig_dst.0.ip();
     let verdict = decide::request(
         &live.sandbox,
-        conn.sni.as_deref(),
-        &host,
-        req.method(),
-        req.uri().path(),
-        meta.orig_dst.0.ip(),
+        &decide::Subject {
+            sni: conn.sni.as_deref(),
+            host: &host,
+            method: req.method(),
+            path: req.uri().path(),
+            headers: req.headers(),
+            dst,
+        },
+        &|name| ctx.pins.resolves_to(meta.sandbox, name, dst),
     );
     if verdict.denied() {
         let reason = verdict.reason.clone().unwrap_or_default();
-        let shown = if verdict.code == "host-not-allowed" {
+        let shown = if verdict.code == "host-not-allowed" || verdict.code == "doh" {
             conn.sni.as_deref().unwrap_or(&host)
         } else {
             &host
@@ -244,6 +268,7 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             reason: Some(reason.clone()),
             error: None,
         };
+        drain_refused_body(req.into_body()).await;
         return finish(denied(shown, &reason, verdict.code), out);
     }
     let rule = verdict.rule.clone();
