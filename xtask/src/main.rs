@@ -68,7 +68,14 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 /// Tools the privileged tests drive as real clients.
-const TEST_PACKAGES: &[&str] = &["curl", "iproute2", "util-linux", "python3", "openssl"];
+const TEST_PACKAGES: &[&str] = &[
+    "curl",
+    "iproute2",
+    "util-linux",
+    "python3",
+    "openssl",
+    "bind9-dnsutils",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn main() -> Result<()> {
