@@ -141,14 +141,19 @@ pub struct OrigDst {
 pub struct DnsClient {
     pub orig: OrigDst,
     pub netns: u64,
+    /// The [`maps::DNS_PEERS`] key this socket's datagrams were last named under, so that
+    /// sock_release can delete it and a later owner of the port is not taken for this one.
+    pub peer: DnsPeerKey,
 }
 
-/// Key of [`maps::DNS_PEERS`]: the source port of a query as the DNS listener sees it, in
-/// the listener's network namespace.
+/// Key of [`maps::DNS_PEERS`]: the source address and port of a query as the DNS listener
+/// sees it, in the listener's network namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DnsPeerKey {
     pub netns: u64,
+    /// Network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u32; 4],
     /// Host byte order.
     pub port: u32,
     pub _pad: u32,
@@ -279,8 +284,8 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         assert_eq!(size_of::<Sandbox>(), 12 * 4);
-        assert_eq!(size_of::<DnsClient>(), 8 * 4 + 16 + 8);
-        assert_eq!(size_of::<DnsPeerKey>(), 16);
+        assert_eq!(size_of::<DnsClient>(), 8 * 4 + 16 + 8 + 32);
+        assert_eq!(size_of::<DnsPeerKey>(), 32);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<Allow4>(), 12);
         assert_eq!(size_of::<Allow6>(), 24);

@@ -217,16 +217,17 @@ fn record(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], port
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send: bool) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
-    // glibc's source-address probe connects a UDP socket to port 0; nothing is sent.
-    if port == 0 {
+    // SAFETY: reads of whole 32-bit context fields.
+    let (ty, proto) = unsafe { ((*sa).type_, (*sa).protocol) };
+    // glibc's source-address probe connects a UDP socket to port 0 and sends nothing. A
+    // send on such a socket would go to port 0 unhooked: the cgroup_skb program drops it.
+    if port == 0 && ty == SOCK_DGRAM && !is_send {
         return ALLOW;
     }
     let Some(sb) = find_sandbox() else {
         report(EventKind::DenyNoSandbox, 0, family, 0, addr, port);
         return DENY;
     };
-    // SAFETY: reads of whole 32-bit context fields.
-    let (ty, proto) = unsafe { ((*sa).type_, (*sa).protocol) };
     let mapped = is_v4_mapped(&addr);
 
     if ty == SOCK_DGRAM && proto == IPPROTO_UDP {
@@ -238,7 +239,8 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
             return ALLOW;
         }
         if at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port) {
-            // Straight at the DNS listener: no record, so the listener refuses it.
+            // Straight at the DNS listener: no record of this socket, so the listener
+            // refuses its queries.
             return ALLOW;
         }
         report(EventKind::DenyUdp, sb.id, family, proto, addr, port);
@@ -343,7 +345,7 @@ fn record_dns(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], 
             bpf_get_netns_cookie(ctx.as_ptr()),
         )
     };
-    let client = DnsClient {
+    let mut client = DnsClient {
         orig: OrigDst {
             addr,
             port: port as u32,
@@ -353,7 +355,13 @@ fn record_dns(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], 
             comm: comm(),
         },
         netns,
+        peer: DnsPeerKey::default(),
     };
+    // A socket that already sent keeps the key it was named under, for sock_release.
+    // SAFETY: the value is copied out at once.
+    if let Some(old) = unsafe { DNS_BY_COOKIE.get(cookie) } {
+        client.peer = old.peer;
+    }
     if DNS_BY_COOKIE.insert(cookie, client, 0).is_err() {
         count(Counter::RecordFailed);
         report(
@@ -577,7 +585,13 @@ pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = ORIG_BY_COOKIE.remove(cookie);
-    let _ = DNS_BY_COOKIE.remove(cookie);
+    // SAFETY: the value is copied out at once.
+    if let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() {
+        if c.peer.port != 0 {
+            let _ = DNS_PEERS.remove(&c.peer);
+        }
+        let _ = DNS_BY_COOKIE.remove(cookie);
+    }
     ALLOW
 }
 
@@ -603,27 +617,116 @@ const PASS_SKB: i32 = 1;
 const DROP_SKB: i32 = 0;
 
 /// Tells the DNS listener who sent each datagram: a connected UDP socket's source port is
-/// only known once it sends, so connect4/6 cannot.
+/// only known once it sends, so connect4/6 cannot. Keyed by the packet's source address
+/// (what the listener sees; an unbound socket has none of its own) and port.
 #[inline(always)]
 fn name_dns_sender(ctx: &SkBuffContext) {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() else {
+    let Some(c) = DNS_BY_COOKIE.get_ptr_mut(cookie) else {
         return;
     };
+    let Some(addr) = packet_source(ctx) else {
+        return;
+    };
+    // SAFETY: the pointer stays valid for the program run; fields are copied.
+    let (netns, orig) = unsafe { ((*c).netns, (*c).orig) };
     let key = DnsPeerKey {
-        netns: c.netns,
+        netns,
+        addr,
         port: ctx.skb.local_port(),
         _pad: 0,
     };
-    if DNS_PEERS.insert(key, c.orig, 0).is_err() {
+    if DNS_PEERS.insert(key, orig, 0).is_err() {
         count(Counter::RecordFailed);
+        return;
+    }
+    // SAFETY: as above; a whole-struct store into the map value.
+    unsafe { (*c).peer = key };
+}
+
+/// The source address in the IP header, IPv4 as `::ffff:a.b.c.d`.
+#[inline(always)]
+fn packet_source(ctx: &SkBuffContext) -> Option<[u32; 4]> {
+    let first = ctx.load::<u8>(0).ok()?;
+    match first >> 4 {
+        4 => Some(v4_mapped(ctx.load::<u32>(12).ok()?)),
+        6 => Some([
+            ctx.load::<u32>(8).ok()?,
+            ctx.load::<u32>(12).ok()?,
+            ctx.load::<u32>(16).ok()?,
+            ctx.load::<u32>(20).ok()?,
+        ]),
+        _ => None,
+    }
+}
+
+/// A UDP datagram to port 0: only a socket connected to port 0 (allowed for glibc's
+/// address-selection probe, which never sends) can emit one, past every sendmsg hook.
+#[inline(always)]
+fn udp_to_port_zero(ctx: &SkBuffContext) -> bool {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let (proto, port_at) = match first >> 4 {
+        4 => (ctx.load::<u8>(9), ((first & 0x0f) as usize) * 4 + 2),
+        6 => (ctx.load::<u8>(6), 42),
+        _ => return false,
+    };
+    proto == Ok(IPPROTO_UDP_U8) && ctx.load::<u16>(port_at) == Ok(0)
+}
+
+/// Drops and reports a datagram to port 0. Packets may leave from softirq context, so the
+/// report carries the sandbox and destination but no pid or comm.
+#[inline(always)]
+fn refuse_port_zero(ctx: &SkBuffContext) -> i32 {
+    count(Counter::Denied);
+    let sandbox = find_sandbox_skb(ctx.skb.skb).map(|sb| sb.id).unwrap_or(0);
+    let dst = packet_destination(ctx).unwrap_or([0; 4]);
+    let family = if is_v4_mapped(&dst) {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(Event {
+                kind: EventKind::DenyUdp as u32,
+                sandbox,
+                tgid: 0,
+                family,
+                protocol: IPPROTO_UDP,
+                port: 0,
+                addr: dst,
+                comm: [0; 16],
+            });
+            entry.submit(0);
+        }
+        None => count(Counter::EventsLost),
+    }
+    DROP_SKB
+}
+
+#[inline(always)]
+fn packet_destination(ctx: &SkBuffContext) -> Option<[u32; 4]> {
+    let first = ctx.load::<u8>(0).ok()?;
+    match first >> 4 {
+        4 => Some(v4_mapped(ctx.load::<u32>(16).ok()?)),
+        6 => Some([
+            ctx.load::<u32>(24).ok()?,
+            ctx.load::<u32>(28).ok()?,
+            ctx.load::<u32>(32).ok()?,
+            ctx.load::<u32>(36).ok()?,
+        ]),
+        _ => None,
     }
 }
 
 #[cgroup_skb(egress)]
 pub fn egress_skb(ctx: SkBuffContext) -> i32 {
+    if udp_to_port_zero(&ctx) {
+        return refuse_port_zero(&ctx);
+    }
     name_dns_sender(&ctx);
     PASS_SKB
 }
@@ -636,6 +739,9 @@ const IPPROTO_UDP_U8: u8 = 17;
 /// they might miss (a kernel path without a hook, a bug), and counts it.
 #[cgroup_skb(egress)]
 pub fn egress_skb_strict(ctx: SkBuffContext) -> i32 {
+    if udp_to_port_zero(&ctx) {
+        return refuse_port_zero(&ctx);
+    }
     name_dns_sender(&ctx);
     let skb = ctx.skb.skb;
     let Some(sb) = find_sandbox_skb(skb) else {

@@ -130,7 +130,7 @@ pub struct DnsRecord {
     /// The A and AAAA addresses of the answer.
     pub answers: Vec<String>,
     pub reason: Option<String>,
-    /// Set when a refused name looked like DNS tunnelling.
+    /// Set when the name looked like DNS tunnelling (refused or not).
     pub suspect: Option<crate::dns::tunnel::Suspicion>,
     pub duration_ms: u64,
     pub error: Option<String>,

@@ -142,12 +142,13 @@ pub struct DnsPeerTable {
 }
 
 impl DnsPeerTable {
-    /// The sender of a datagram from source `port` in the namespace `netns`. Not deleted:
-    /// a UDP socket sends many queries; the entry is overwritten by the port's next owner.
-    pub fn get(&self, netns: u64, port: u16) -> Option<OrigDst> {
+    /// The sender of a datagram from `peer` in the namespace `netns`. Not deleted: a UDP
+    /// socket sends many queries; the kernel deletes the entry when the socket is released.
+    pub fn get(&self, netns: u64, peer: std::net::SocketAddr) -> Option<OrigDst> {
         let key = DnsPeerKey {
             netns,
-            port: port.into(),
+            addr: addr::mapped_words(peer.ip().to_canonical()),
+            port: peer.port().into(),
             _pad: 0,
         };
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());

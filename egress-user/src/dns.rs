@@ -48,13 +48,17 @@ const EDE_BLOCKED: u16 = 15;
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Queries answered at once per listener; a flood waits instead of growing without bound.
 const MAX_IN_FLIGHT: usize = 1024;
+/// TCP connections served at once per listener; more are closed at once. Each holds at most
+/// one query and one upstream socket at a time.
+const MAX_TCP_CONNS: usize = 256;
 
 /// Counters of the DNS listener, reported at shutdown.
 #[derive(Debug, Default)]
 pub struct DnsStats {
     pub queries: AtomicU64,
     pub refused: AtomicU64,
-    /// Refused names that looked like tunnelling (long or high-entropy labels).
+    /// Queried names that looked like tunnelling (long or high-entropy labels), refused
+    /// or (under an allowed wildcard) answered.
     pub tunnel_suspects: AtomicU64,
     pub upstream_failures: AtomicU64,
     /// Datagrams or connections with no kernel record of their sender.
@@ -159,9 +163,10 @@ async fn serve_udp(
         };
         let raw = buf[..n].to_vec();
         let client = ClientAddr(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
-        let Some(rec) = dns.peers.get(netns, peer.port()) else {
+        let Some(rec) = dns.peers.get(netns, peer) else {
             dns.stats.no_record.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "DNS query refused: no kernel record of its sender");
+            dns.audit_unknown(client, "udp");
             if let Some(reply) = message::error_response(&raw, ResponseCode::Refused) {
                 let _ = sock.send_to(&reply, peer).await;
             }
@@ -194,6 +199,7 @@ async fn serve_tcp(
     dns: Arc<Dns>,
     conns: TaskTracker,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNS));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -207,6 +213,11 @@ async fn serve_tcp(
         let Some(rec) = dns.orig_dst.take(&addr::sock_key(netns, client, listen)) else {
             dns.stats.no_record.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "DNS connection refused: no original destination recorded for it");
+            dns.audit_unknown(client, "tcp");
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%client, limit = MAX_TCP_CONNS, "DNS over TCP connection refused: too many open");
             continue;
         };
         let asker = Asker {
@@ -217,7 +228,11 @@ async fn serve_tcp(
             resolver: addr::orig_dst(&rec).to_string(),
             transport: "tcp",
         };
-        conns.spawn(serve_tcp_conn(stream, asker, dns.clone()));
+        let dns = dns.clone();
+        conns.spawn(async move {
+            serve_tcp_conn(stream, asker, dns).await;
+            drop(slot);
+        });
     }
 }
 
@@ -229,6 +244,7 @@ async fn serve_tcp_conn(mut stream: TcpStream, asker: Asker, dns: Arc<Dns>) {
             Ok(Ok(_)) => {}
             _ => return,
         }
+        // Allocated only once the length has arrived, and at most 64 KiB by the framing.
         let mut raw = vec![0u8; usize::from(u16::from_be_bytes(len))];
         match tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read_exact(&mut raw)).await {
             Ok(Ok(_)) => {}
@@ -282,6 +298,12 @@ impl Dns {
         };
         rec.name = q.name.clone();
         rec.qtype = q.qtype_name.clone();
+        // Flagged whatever the verdict: under an allowed wildcard the labels still reach
+        // that domain's servers, and the operator should see it.
+        rec.suspect = tunnel::suspicion(&q.name);
+        if rec.suspect.is_some() {
+            self.stats.tunnel_suspects.fetch_add(1, Ordering::Relaxed);
+        }
 
         let live = self.ctx.policy.load_full();
         let refusal = match live.sandbox.host_decision(&q.name) {
@@ -296,10 +318,6 @@ impl Dns {
         };
         if let Some(reason) = refusal {
             rec.reason = Some(reason.to_owned());
-            rec.suspect = tunnel::suspicion(&q.name);
-            if rec.suspect.is_some() {
-                self.stats.tunnel_suspects.fetch_add(1, Ordering::Relaxed);
-            }
             if live.sandbox.mode != Mode::Warn {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 rec.decision = "deny";
@@ -345,6 +363,19 @@ impl Dns {
         } else {
             reply
         })
+    }
+
+    /// The audit record of a query or connection refused for lack of a kernel record.
+    fn audit_unknown(&self, client: ClientAddr, transport: &'static str) {
+        self.ctx.audit.record(&Record::Dns(DnsRecord {
+            ts: crate::audit::now(),
+            client: client.to_string(),
+            transport,
+            decision: "deny",
+            rcode: message::rcode_name(ResponseCode::Refused),
+            reason: Some("no kernel record of the sender; not a redirected query".into()),
+            ..Default::default()
+        }));
     }
 
     fn finish(&self, mut rec: DnsRecord, start: Instant) {

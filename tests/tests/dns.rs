@@ -780,6 +780,54 @@ emit(pid=os.getpid(),
     }
 }
 
+// Port 0: glibc's address-selection probe connects a UDP socket to port 0 and sends nothing,
+// so the connect is let through; a send on such a socket passes no sendmsg hook and must be
+// dropped by the cgroup_skb program. TCP to port 0 is refused like any other port.
+#[test]
+fn udp_sends_to_port_zero_are_dropped() {
+    let stub = StubResolver::start(&[("zero.dns.test", ip("127.0.73.2"))]);
+    let f = run_ok(
+        &args(&stub, &["--isolate-net", "--allow", "zero.dns.test"]),
+        &py(r#"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(('127.0.73.2', 0))
+try:
+    s.send(b'out through port zero')
+    udp = 'sent'
+except OSError as e:
+    udp = e.errno
+t = socket.socket()
+try:
+    t.connect(('127.0.73.2', 0))
+    tcp = 'connected'
+except OSError as e:
+    tcp = e.errno
+emit(pid=os.getpid(), udp=udp, tcp=tcp,
+     resolved=socket.getaddrinfo('zero.dns.test', None, socket.AF_INET)[0][4][0])
+"#),
+    );
+    let out = json_out(&f);
+    assert_eq!(
+        out["udp"],
+        libc::EPERM,
+        "the datagram must be dropped: {f:#?}"
+    );
+    assert_eq!(out["tcp"], libc::EPERM, "{f:#?}");
+    assert_eq!(
+        out["resolved"], "127.0.73.2",
+        "the probe itself still works: {f:#?}"
+    );
+    let denied = f.audit_of("kernel_deny");
+    for proto in ["udp", "tcp"] {
+        assert!(
+            denied.iter().any(|r| r["protocol"] == proto
+                && r["dst"] == "127.0.73.2:0"
+                && r["sandbox"] == "run"),
+            "no kernel_deny record for {proto} to port 0: {denied:#?}"
+        );
+    }
+}
+
 // DNS over TLS (TCP 853) is refused with EPERM even with every host allowed.
 #[test]
 fn dns_over_tls_port_853_is_refused() {

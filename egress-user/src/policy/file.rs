@@ -350,7 +350,7 @@ impl SandboxPolicy {
                 rule,
             };
         }
-        if self.guards.doh && is_doh_resolver(&host) && !self.names_exactly(&host) {
+        if self.doh_denied(&host) {
             return HostDecision::Deny {
                 reason: "a well-known DNS-over-HTTPS resolver (guard `doh`); allow it by its exact name to use it",
                 rule: DOH_RULE.to_owned(),
@@ -402,6 +402,12 @@ impl SandboxPolicy {
             }
         }
         RequestDecision::Allow { rule: Some(rule) }
+    }
+
+    /// Whether the DoH guard refuses `host` (normalized): a well-known DoH resolver that no
+    /// allow or passthrough entry names exactly.
+    pub fn doh_denied(&self, host: &str) -> bool {
+        self.guards.doh && is_doh_resolver(host) && !self.names_exactly(host)
     }
 
     /// Whether an allow or passthrough entry names `host` exactly: a name without
@@ -734,7 +740,11 @@ impl Source<'_> {
             deny: hosts(raw.deny, "deny")?,
             passthrough: hosts(raw.passthrough, "passthrough")?,
             tcp: self.list(raw.tcp, &child(key, "tcp"), |s| {
-                s.parse::<TcpAllow>().map_err(|e| e.to_string())
+                let a = s.parse::<TcpAllow>().map_err(|e| e.to_string())?;
+                if a.port == 53 {
+                    return Err("port 53 always goes to egress's DNS listener".into());
+                }
+                Ok(a)
             })?,
             private_ok: self.list(raw.private_ok, &child(key, "private_ok"), parse_net)?,
             rules: raw
@@ -1636,6 +1646,11 @@ methods = ["POST"]
             "[sandbox.agent]\ntcp = [\"10.0.0.0/8:5432\", \"10.0.0.1\"]\n",
             "p.toml:2:27: sandbox.agent.tcp[1]: \"10.0.0.1\" is not CIDR:PORT",
             "missing :PORT",
+        );
+        assert_error(
+            "[sandbox.agent]\ntcp = [\"10.0.0.2:53\"]\n",
+            "p.toml:2:8: sandbox.agent.tcp[0]: ",
+            "DNS listener",
         );
         assert_error(
             "[sandbox.agent]\nprivate_ok = [\"example.com\"]\n",

@@ -94,7 +94,7 @@ pub fn request<'p>(
         }
     };
     if refusal.is_none() && p.guards.doh {
-        refusal = doh_message_refusal(headers);
+        refusal = doh_message_refusal(headers).or_else(|| doh_address_refusal(p, dst));
     }
     if refusal.is_none() {
         refusal = pinning_refusal(p, sni.unwrap_or(host), dst, resolved);
@@ -162,6 +162,17 @@ fn doh_message_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
     })
 }
 
+/// The DoH guard on the destination: a well-known resolver's address, whatever name the
+/// client gave.
+fn doh_address_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
+    let ip = dst.to_canonical().to_string();
+    p.doh_denied(&ip).then(|| Refusal {
+        reason: format!("{ip} is a well-known DNS-over-HTTPS resolver (guard `doh`)"),
+        rule: DOH_RULE.into(),
+        code: "doh",
+    })
+}
+
 /// DNS pinning: `name` must have resolved to `dst` through the DNS listener. IP-literal
 /// hosts are judged by the IP rules instead.
 fn pinning_refusal(
@@ -171,7 +182,25 @@ fn pinning_refusal(
     resolved: &dyn Fn(&str) -> bool,
 ) -> Option<Refusal> {
     let name = crate::policy::normalize_host(name);
-    if !p.dns_pinning || name.parse::<IpAddr>().is_ok() || resolved(&name) {
+    if !p.dns_pinning {
+        return None;
+    }
+    // An address in place of a name must be the destination itself; otherwise an allowed
+    // IP entry would carry a request to any other address.
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        if ip.to_canonical() == dst.to_canonical() {
+            return None;
+        }
+        return Some(Refusal {
+            reason: format!(
+                "DNS pinning: the request names {ip} but was sent to {}",
+                dst.to_canonical()
+            ),
+            rule: String::new(),
+            code: "dns-pinning",
+        });
+    }
+    if resolved(&name) {
         return None;
     }
     Some(Refusal {
@@ -211,7 +240,9 @@ pub fn connection_refusal(
     dst: IpAddr,
     resolved: &dyn Fn(&str) -> bool,
 ) -> Option<String> {
-    let r = pinning_refusal(p, name, dst, resolved).or_else(|| private_refusal(p, dst))?;
+    let r = pinning_refusal(p, name, dst, resolved)
+        .or_else(|| p.guards.doh.then(|| doh_address_refusal(p, dst)).flatten())
+        .or_else(|| private_refusal(p, dst))?;
     (p.mode != Mode::Warn).then_some(r.reason)
 }
 
@@ -268,6 +299,23 @@ mod tests {
             judge(&p, "api.example", &none, false),
             ("deny", "dns-pinning")
         );
+        // An IP literal in place of the name must be the destination itself.
+        let mut flags = allow(&["10.0.0.0/8"]);
+        flags.dns_pinning = true;
+        let by_ip = policy(flags);
+        let v = request(
+            &by_ip,
+            &Subject {
+                sni: None,
+                host: "10.1.2.3",
+                method: &http::Method::GET,
+                path: "/",
+                headers: &none,
+                dst: "198.51.100.66".parse().unwrap(),
+            },
+            &|_| false,
+        );
+        assert_eq!(v.code, "dns-pinning", "{v:?}");
         // A host refused by the lists is reported as such, not as a pinning failure.
         assert_eq!(
             judge(&p, "other.example", &none, false),
@@ -309,6 +357,20 @@ mod tests {
         let p = policy(allow(&["*"]));
         let none = http::HeaderMap::new();
         assert_eq!(judge(&p, "dns.google", &none, true), ("deny", "doh"));
+        // An allowed name sent to a resolver's address.
+        let v = request(
+            &p,
+            &Subject {
+                sni: Some("example.org"),
+                host: "example.org",
+                method: &http::Method::GET,
+                path: "/dns-query",
+                headers: &none,
+                dst: "1.1.1.1".parse().unwrap(),
+            },
+            &|_| true,
+        );
+        assert_eq!((v.decision, v.code), ("deny", "doh"));
         assert_eq!(judge(&p, "example.org", &none, true), ("allow", ""));
     }
 }
