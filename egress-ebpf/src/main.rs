@@ -588,7 +588,7 @@ pub fn egress_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the value is copied out at once.
     if let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() {
         if c.peer.port != 0 {
-            let _ = DNS_PEERS.remove(&c.peer);
+            let _ = DNS_PEERS.remove(c.peer);
         }
         let _ = DNS_BY_COOKIE.remove(cookie);
     }
