@@ -101,20 +101,22 @@ fn find_sandbox_skb(skb: *mut __sk_buff) -> Option<Sandbox> {
 
 #[inline(always)]
 fn find_sandbox_by(ancestor: impl Fn(i32) -> u64) -> Option<Sandbox> {
-    let mut found = None;
+    // A reference, not a copy, while walking: an `Option<Sandbox>` left `None` may be
+    // spilled with its payload uninitialised, which the verifier rejects.
+    let mut found: Option<&Sandbox> = None;
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
         let id = ancestor(level);
         if id == 0 {
             break;
         }
-        // SAFETY: the value is copied out at once.
+        // SAFETY: map values stay valid for the whole program run.
         if let Some(sb) = unsafe { SANDBOXES.get(id) } {
-            found = Some(*sb);
+            found = Some(sb);
         }
         level += 1;
     }
-    found
+    found.copied()
 }
 
 #[inline(always)]
@@ -128,19 +130,25 @@ fn comm() -> [u8; 16] {
 }
 
 fn report(kind: EventKind, sandbox: u32, family: u32, protocol: u32, addr: [u32; 4], port: u16) {
+    submit(Event {
+        kind: kind as u32,
+        sandbox,
+        tgid: tgid(),
+        family,
+        protocol,
+        port: port as u32,
+        addr,
+        comm: comm(),
+    });
+}
+
+/// Counts a refusal and hands it to user space.
+#[inline(always)]
+fn submit(ev: Event) {
     count(Counter::Denied);
     match EVENTS.reserve::<Event>(0) {
         Some(mut entry) => {
-            entry.write(Event {
-                kind: kind as u32,
-                sandbox,
-                tgid: tgid(),
-                family,
-                protocol,
-                port: port as u32,
-                addr,
-                comm: comm(),
-            });
+            entry.write(ev);
             entry.submit(0);
         }
         None => count(Counter::EventsLost),
@@ -626,7 +634,7 @@ fn name_dns_sender(ctx: &SkBuffContext) {
     let Some(c) = DNS_BY_COOKIE.get_ptr_mut(cookie) else {
         return;
     };
-    let Some(addr) = packet_source(ctx) else {
+    let Some(addr) = packet_addr(ctx, End::Source) else {
         return;
     };
     // SAFETY: the pointer stays valid for the program run; fields are copied.
@@ -645,17 +653,28 @@ fn name_dns_sender(ctx: &SkBuffContext) {
     unsafe { (*c).peer = key };
 }
 
-/// The source address in the IP header, IPv4 as `::ffff:a.b.c.d`.
+/// Which address of the IP header [`packet_addr`] reads.
+#[derive(Clone, Copy)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// An address from the IP header, IPv4 as `::ffff:a.b.c.d`.
 #[inline(always)]
-fn packet_source(ctx: &SkBuffContext) -> Option<[u32; 4]> {
+fn packet_addr(ctx: &SkBuffContext, end: End) -> Option<[u32; 4]> {
     let first = ctx.load::<u8>(0).ok()?;
+    let (v4, v6) = match end {
+        End::Source => (12, 8),
+        End::Destination => (16, 24),
+    };
     match first >> 4 {
-        4 => Some(v4_mapped(ctx.load::<u32>(12).ok()?)),
+        4 => Some(v4_mapped(ctx.load::<u32>(v4).ok()?)),
         6 => Some([
-            ctx.load::<u32>(8).ok()?,
-            ctx.load::<u32>(12).ok()?,
-            ctx.load::<u32>(16).ok()?,
-            ctx.load::<u32>(20).ok()?,
+            ctx.load::<u32>(v6).ok()?,
+            ctx.load::<u32>(v6 + 4).ok()?,
+            ctx.load::<u32>(v6 + 8).ok()?,
+            ctx.load::<u32>(v6 + 12).ok()?,
         ]),
         _ => None,
     }
@@ -680,46 +699,22 @@ fn udp_to_port_zero(ctx: &SkBuffContext) -> bool {
 /// report carries the sandbox and destination but no pid or comm.
 #[inline(always)]
 fn refuse_port_zero(ctx: &SkBuffContext) -> i32 {
-    count(Counter::Denied);
-    let sandbox = find_sandbox_skb(ctx.skb.skb).map(|sb| sb.id).unwrap_or(0);
-    let dst = packet_destination(ctx).unwrap_or([0; 4]);
-    let family = if is_v4_mapped(&dst) {
-        AF_INET
-    } else {
-        AF_INET6
-    };
-    match EVENTS.reserve::<Event>(0) {
-        Some(mut entry) => {
-            entry.write(Event {
-                kind: EventKind::DenyUdp as u32,
-                sandbox,
-                tgid: 0,
-                family,
-                protocol: IPPROTO_UDP,
-                port: 0,
-                addr: dst,
-                comm: [0; 16],
-            });
-            entry.submit(0);
-        }
-        None => count(Counter::EventsLost),
-    }
+    let dst = packet_addr(ctx, End::Destination).unwrap_or([0; 4]);
+    submit(Event {
+        kind: EventKind::DenyUdp as u32,
+        sandbox: find_sandbox_skb(ctx.skb.skb).map(|sb| sb.id).unwrap_or(0),
+        tgid: 0,
+        family: if is_v4_mapped(&dst) {
+            AF_INET
+        } else {
+            AF_INET6
+        },
+        protocol: IPPROTO_UDP,
+        port: 0,
+        addr: dst,
+        comm: [0; 16],
+    });
     DROP_SKB
-}
-
-#[inline(always)]
-fn packet_destination(ctx: &SkBuffContext) -> Option<[u32; 4]> {
-    let first = ctx.load::<u8>(0).ok()?;
-    match first >> 4 {
-        4 => Some(v4_mapped(ctx.load::<u32>(16).ok()?)),
-        6 => Some([
-            ctx.load::<u32>(24).ok()?,
-            ctx.load::<u32>(28).ok()?,
-            ctx.load::<u32>(32).ok()?,
-            ctx.load::<u32>(36).ok()?,
-        ]),
-        _ => None,
-    }
 }
 
 #[cgroup_skb(egress)]

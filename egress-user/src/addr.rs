@@ -33,6 +33,14 @@ macro_rules! display_inner {
 }
 display_inner!(OrigDst, ClientAddr, ListenAddr);
 
+impl ClientAddr {
+    /// A peer as `accept`/`recv_from` report it, with v4-mapped IPv6 made IPv4, which is how
+    /// the kernel's records and the audit log spell it.
+    pub fn from_peer(peer: SocketAddr) -> Self {
+        ClientAddr(SocketAddr::new(peer.ip().to_canonical(), peer.port()))
+    }
+}
+
 /// Network-order words of an IPv6 address, as the kernel's `__u32 [4]` fields hold them.
 pub fn v6_words(ip: &Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();

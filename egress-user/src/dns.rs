@@ -140,6 +140,19 @@ struct Asker {
     transport: &'static str,
 }
 
+impl Asker {
+    fn new(rec: &egress_common::OrigDst, client: ClientAddr, transport: &'static str) -> Self {
+        Asker {
+            sandbox: rec.sandbox,
+            pid: rec.tgid,
+            comm: addr::comm(&rec.comm),
+            client,
+            resolver: addr::orig_dst(rec).to_string(),
+            transport,
+        }
+    }
+}
+
 async fn serve_udp(
     sock: Arc<UdpSocket>,
     netns: u64,
@@ -162,7 +175,7 @@ async fn serve_udp(
             return;
         };
         let raw = buf[..n].to_vec();
-        let client = ClientAddr(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+        let client = ClientAddr::from_peer(peer);
         let Some(rec) = dns.peers.get(netns, peer) else {
             dns.stats.no_record.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "DNS query refused: no kernel record of its sender");
@@ -172,14 +185,7 @@ async fn serve_udp(
             }
             continue;
         };
-        let asker = Asker {
-            sandbox: rec.sandbox,
-            pid: rec.tgid,
-            comm: addr::comm(&rec.comm),
-            client,
-            resolver: addr::orig_dst(&rec).to_string(),
-            transport: "udp",
-        };
+        let asker = Asker::new(&rec, client, "udp");
         let (dns, sock) = (dns.clone(), sock.clone());
         conns.spawn(async move {
             if let Some(reply) = dns.answer(&asker, &raw).await {
@@ -209,7 +215,7 @@ async fn serve_tcp(
                 continue;
             }
         };
-        let client = ClientAddr(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+        let client = ClientAddr::from_peer(peer);
         let Some(rec) = dns.orig_dst.take(&addr::sock_key(netns, client, listen)) else {
             dns.stats.no_record.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "DNS connection refused: no original destination recorded for it");
@@ -220,14 +226,7 @@ async fn serve_tcp(
             warn!(%client, limit = MAX_TCP_CONNS, "DNS over TCP connection refused: too many open");
             continue;
         };
-        let asker = Asker {
-            sandbox: rec.sandbox,
-            pid: rec.tgid,
-            comm: addr::comm(&rec.comm),
-            client,
-            resolver: addr::orig_dst(&rec).to_string(),
-            transport: "tcp",
-        };
+        let asker = Asker::new(&rec, client, "tcp");
         let dns = dns.clone();
         conns.spawn(async move {
             serve_tcp_conn(stream, asker, dns).await;

@@ -156,10 +156,7 @@ pub async fn serve(
             .accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         next_id += 1;
-        let client = ClientAddr(std::net::SocketAddr::new(
-            peer.ip().to_canonical(),
-            peer.port(),
-        ));
+        let client = ClientAddr::from_peer(peer);
         let key = addr::sock_key(netns, client, listen);
         let Some(rec) = table.take(&key) else {
             stats
