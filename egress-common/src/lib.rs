@@ -16,9 +16,9 @@ pub mod maps {
     pub const ALLOW4: &str = "ALLOW4";
     /// LPM trie of [`super::Allow6`]: IPv6 CIDR:port pairs a sandbox may reach directly.
     pub const ALLOW6: &str = "ALLOW6";
-    /// socket cookie -> [`super::OrigDst`], written by connect4/6 before the rewrite.
+    /// socket cookie -> [`super::SockRecord`], written by connect4/6 before the rewrite.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
-    /// [`super::SockKey`] -> [`super::OrigDst`], written by sockops once the 4-tuple exists.
+    /// [`super::SockKey`] -> [`super::SockRecord`], written by sockops once the 4-tuple exists.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     /// Ring buffer of [`super::Event`]s: connects and sends the kernel refused.
     pub const EVENTS: &str = "EVENTS";
@@ -26,7 +26,7 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// socket cookie -> [`super::DnsClient`]: a UDP socket that sent to port 53, and where to.
     pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
-    /// [`super::DnsPeerKey`] -> [`super::OrigDst`]: who is behind a query the DNS listener
+    /// [`super::DnsPeerKey`] -> [`super::SockRecord`]: who is behind a query the DNS listener
     /// received, written by the cgroup_skb program as the datagram leaves the sandbox.
     pub const DNS_PEERS: &str = "DNS_PEERS";
 }
@@ -62,7 +62,7 @@ pub const IPPROTO_UDP: u32 = 17;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sandbox {
-    /// Identifier user space picked; echoed in [`OrigDst`] and [`Event`].
+    /// Identifier user space picked; echoed in [`SockRecord`] and [`Event`].
     pub id: u32,
     /// Proxy listener the sandbox's IPv4 connects are rewritten to (network byte order).
     pub listen4_addr: u32,
@@ -120,7 +120,7 @@ pub const ALLOW_FIXED_PREFIX: u32 = 64;
 /// Where a redirected socket was really going.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OrigDst {
+pub struct SockRecord {
     /// Network byte order; an IPv4 destination is stored as `::ffff:a.b.c.d`.
     pub addr: [u32; 4],
     /// Host byte order.
@@ -139,7 +139,7 @@ pub struct OrigDst {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsClient {
-    pub orig: OrigDst,
+    pub orig: SockRecord,
     pub netns: u64,
     /// The [`maps::DNS_PEERS`] key this socket's datagrams were last named under, so that
     /// sock_release can delete it and a later owner of the port is not taken for this one.
@@ -265,7 +265,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Allow6 {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SockRecord {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
     // SAFETY: as above.
@@ -289,7 +289,7 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<Allow4>(), 12);
         assert_eq!(size_of::<Allow6>(), 24);
-        assert_eq!(size_of::<OrigDst>(), 8 * 4 + 16);
+        assert_eq!(size_of::<SockRecord>(), 8 * 4 + 16);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<Event>(), 10 * 4 + 16);
     }

@@ -29,7 +29,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     is_v4_mapped, v4_mapped, Allow4, Allow6, Counter, DnsClient, DnsPeerKey, Event, EventKind,
-    OrigDst, PortKey, Sandbox, SockKey, AF_INET, AF_INET6, ALLOW_FIXED_PREFIX, COUNTER_SLOTS,
+    PortKey, Sandbox, SockKey, SockRecord, AF_INET, AF_INET6, ALLOW_FIXED_PREFIX, COUNTER_SLOTS,
     IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, SANDBOX_STRICT,
 };
 
@@ -54,16 +54,16 @@ static ALLOW6: LpmTrie<Allow6, u32> = LpmTrie::with_max_entries(16384, 0);
 // LRU, never a plain hash: a full plain hash makes inserts fail, and the entries of a busy
 // sandbox must age out rather than block new ones.
 #[map(name = "ORIG_BY_COOKIE")]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, SockRecord> = LruHashMap::with_max_entries(65536, 0);
 
 #[map(name = "ORIG_BY_TUPLE")]
-static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static ORIG_BY_TUPLE: LruHashMap<SockKey, SockRecord> = LruHashMap::with_max_entries(65536, 0);
 
 #[map(name = "DNS_BY_COOKIE")]
 static DNS_BY_COOKIE: LruHashMap<u64, DnsClient> = LruHashMap::with_max_entries(65536, 0);
 
 #[map(name = "DNS_PEERS")]
-static DNS_PEERS: LruHashMap<DnsPeerKey, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static DNS_PEERS: LruHashMap<DnsPeerKey, SockRecord> = LruHashMap::with_max_entries(65536, 0);
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -197,7 +197,7 @@ fn allowed6(sandbox: u32, addr: [u32; 4], port: u16) -> bool {
 fn record(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], port: u16) {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
+    let orig = SockRecord {
         addr,
         port: port as u32,
         family,
@@ -354,7 +354,7 @@ fn record_dns(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], 
         )
     };
     let mut client = DnsClient {
-        orig: OrigDst {
+        orig: SockRecord {
             addr,
             port: port as u32,
             family,
@@ -436,7 +436,7 @@ pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
 
 /// Where a redirected socket (TCP, or UDP to a resolver) was going.
 #[inline(always)]
-fn orig_of(ctx: &SockAddrContext) -> Option<OrigDst> {
+fn orig_of(ctx: &SockAddrContext) -> Option<SockRecord> {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the values are copied out at once.

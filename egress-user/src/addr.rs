@@ -83,7 +83,7 @@ pub fn sock_key(netns: u64, client: ClientAddr, listen: ListenAddr) -> SockKey {
 }
 
 /// The original destination recorded by connect4/6.
-pub fn orig_dst(o: &egress_common::OrigDst) -> OrigDst {
+pub fn orig_dst(o: &egress_common::SockRecord) -> OrigDst {
     OrigDst(SocketAddr::new(
         ip_from_mapped_words(&o.addr),
         o.port as u16,

@@ -24,7 +24,7 @@ use aya::{
     Ebpf,
 };
 use egress_common::{
-    maps, programs, Allow4, Allow6, Counter, DnsPeerKey, OrigDst, PortKey, Sandbox, SockKey,
+    maps, programs, Allow4, Allow6, Counter, DnsPeerKey, PortKey, Sandbox, SockKey, SockRecord,
     ALLOW_FIXED_PREFIX, SANDBOX_STRICT,
 };
 
@@ -122,13 +122,13 @@ pub struct Kernel {
 
 /// The half of the maps the data path uses: where each accepted connection was going.
 pub struct OrigDstTable {
-    by_tuple: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    by_tuple: Mutex<HashMap<MapData, SockKey, SockRecord>>,
 }
 
 impl OrigDstTable {
     /// Looks up and deletes the entry for an accepted connection. One entry serves exactly
     /// one connection, so a stale entry can never be matched twice.
-    pub fn take(&self, key: &SockKey) -> Option<OrigDst> {
+    pub fn take(&self, key: &SockKey) -> Option<SockRecord> {
         let mut map = self.by_tuple.lock().unwrap_or_else(|p| p.into_inner());
         let v = map.get(key, 0).ok()?;
         let _ = map.remove(key);
@@ -138,13 +138,13 @@ impl OrigDstTable {
 
 /// Who is behind each datagram the DNS listener receives, as the kernel saw it leave.
 pub struct DnsPeerTable {
-    map: Mutex<HashMap<MapData, DnsPeerKey, OrigDst>>,
+    map: Mutex<HashMap<MapData, DnsPeerKey, SockRecord>>,
 }
 
 impl DnsPeerTable {
     /// The sender of a datagram from `peer` in the namespace `netns`. Not deleted: a UDP
     /// socket sends many queries; the kernel deletes the entry when the socket is released.
-    pub fn get(&self, netns: u64, peer: std::net::SocketAddr) -> Option<OrigDst> {
+    pub fn get(&self, netns: u64, peer: std::net::SocketAddr) -> Option<SockRecord> {
         let key = DnsPeerKey {
             netns,
             addr: addr::mapped_words(peer.ip().to_canonical()),

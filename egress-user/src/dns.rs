@@ -141,7 +141,7 @@ struct Asker {
 }
 
 impl Asker {
-    fn new(rec: &egress_common::OrigDst, client: ClientAddr, transport: &'static str) -> Self {
+    fn new(rec: &egress_common::SockRecord, client: ClientAddr, transport: &'static str) -> Self {
         Asker {
             sandbox: rec.sandbox,
             pid: rec.tgid,

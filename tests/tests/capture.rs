@@ -4,7 +4,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use egress_common::{Counter, OrigDst, SockKey};
+use egress_common::{Counter, SockKey, SockRecord};
 use egress_tests::{
     cgroup2_root, egress_bin, gc, pinned_counter, pinned_map_len, testclient, touch, Egress,
     TempDir, Upstream,
@@ -306,8 +306,8 @@ fn map_entries_return_to_zero_after_1000_connections() {
     // The client is still alive (lingering); every connection it made has closed.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let (cookie, tuple) = loop {
-        let cookie = pinned_map_len::<u64, OrigDst>(&pin_dir.join("ORIG_BY_COOKIE"));
-        let tuple = pinned_map_len::<SockKey, OrigDst>(&pin_dir.join("ORIG_BY_TUPLE"));
+        let cookie = pinned_map_len::<u64, SockRecord>(&pin_dir.join("ORIG_BY_COOKIE"));
+        let tuple = pinned_map_len::<SockKey, SockRecord>(&pin_dir.join("ORIG_BY_TUPLE"));
         if (cookie, tuple) == (0, 0) || std::time::Instant::now() > deadline {
             break (cookie, tuple);
         }
