@@ -38,6 +38,49 @@ pub enum Sink {
 pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP: usize = 5;
 
+/// What was decided about a request, connection, query or kernel event. Serialised
+/// lowercase; the audit log, metrics labels and the API all spell it the same way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    Allow,
+    Deny,
+    /// Would have been denied; let through in warn mode.
+    Warn,
+    /// Spliced without decryption.
+    Passthrough,
+    /// Not decided: something failed first (an unset decision reads as this, too).
+    #[default]
+    Error,
+}
+
+impl Decision {
+    pub const COUNT: usize = 5;
+    pub const ALL: [Decision; Decision::COUNT] = [
+        Decision::Allow,
+        Decision::Deny,
+        Decision::Warn,
+        Decision::Passthrough,
+        Decision::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::Warn => "warn",
+            Decision::Passthrough => "passthrough",
+            Decision::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One audit record. Every variant carries who (sandbox, pid, comm) and where.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -66,7 +109,7 @@ pub struct RequestRecord {
     pub bytes_down: u64,
     pub duration_ms: u64,
     /// allow, deny, warn.
-    pub decision: &'static str,
+    pub decision: Decision,
     pub rule: String,
     pub reason: Option<String>,
     /// mitm or plain.
@@ -84,7 +127,7 @@ pub struct ConnectionRecord {
     pub orig_dst: String,
     pub sni: Option<String>,
     /// passthrough or deny.
-    pub decision: &'static str,
+    pub decision: Decision,
     pub rule: String,
     pub reason: Option<String>,
     pub tls: &'static str,
@@ -103,7 +146,7 @@ pub struct KernelRecord {
     /// tcp, udp or the protocol number.
     pub protocol: String,
     pub dst: String,
-    pub decision: &'static str,
+    pub decision: Decision,
     pub reason: &'static str,
 }
 
@@ -122,7 +165,7 @@ pub struct DnsRecord {
     pub name: String,
     pub qtype: String,
     /// allow, deny, warn.
-    pub decision: &'static str,
+    pub decision: Decision,
     /// The allow or deny entry that decided.
     pub rule: String,
     /// NOERROR, NXDOMAIN, SERVFAIL, ...
@@ -185,10 +228,18 @@ impl Audit {
             .name("egress-audit".into())
             .spawn(move || {
                 // Block for the first record, then take whatever else is queued before
-                // flushing: one write syscall per burst, not per line.
-                while let Ok(line) = rx.recv() {
+                // flushing: one write syscall per burst, not per line. An empty line (no
+                // record is ever empty: each ends in a newline) is `close` asking to stop.
+                'run: while let Ok(line) = rx.recv() {
+                    if line.is_empty() {
+                        break;
+                    }
                     out.write(&line, &d, &w);
                     while let Ok(line) = rx.try_recv() {
+                        if line.is_empty() {
+                            out.flush(&d, &w);
+                            break 'run;
+                        }
                         out.write(&line, &d, &w);
                     }
                     out.flush(&d, &w);
@@ -238,13 +289,12 @@ impl Audit {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Drains every queued record to disk and fsyncs. Other clones of the handle must be
-    /// gone (the data path stopped) for the drain to finish; this waits for them.
-    pub fn close(self, writer: AuditWriter) -> u64 {
-        let dropped = self.dropped.clone();
-        drop(self);
+    /// Writes every record queued so far, fsyncs, and stops the writer. Call it once the
+    /// data path has stopped: a record queued after this is counted as dropped.
+    pub fn close(&self, writer: AuditWriter) -> u64 {
+        let _ = self.tx.send(Vec::new());
         let _ = writer.thread.join();
-        dropped.load(Ordering::Relaxed)
+        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -411,7 +461,7 @@ mod tests {
             ts: now(),
             host: format!("h{i}.example"),
             status: 200,
-            decision: "allow",
+            decision: Decision::Allow,
             tls: "mitm",
             ..Default::default()
         })

@@ -1,34 +1,39 @@
 //! Loading the eBPF object, attaching it to sandbox cgroups, and the maps user space reads.
 //!
-//! One [`Kernel`] serves any number of sandboxes: each registration attaches the same loaded
-//! programs to one more cgroup and adds that sandbox's rows to the shared maps.
+//! One [`Kernel`] serves any number of sandboxes: each [`Registration`] attaches the same
+//! loaded programs to one more cgroup and adds that sandbox's rows to the shared maps, and
+//! dropping it undoes exactly that.
 //!
-//! Links are pinned in bpffs. A link held only as a file descriptor detaches when egress
-//! dies, and a surviving process of the sandbox would then have open network; a pinned link
-//! stays, so its connects keep landing on a closed listener until `egress gc` cleans up.
+//! Every map and every link is pinned in bpffs under one root. A link held only as a file
+//! descriptor detaches when egress dies, and a surviving process of the sandbox would then
+//! have open network; a pinned link stays, so its connects keep landing on a closed listener
+//! (or `EPERM`) until egress comes back or `egress gc` cleans up. Pinned maps let a restarted
+//! egress find its rows and pick up the refusals the kernel reported meanwhile.
+
+pub mod sys;
 
 use std::{
     fs, io,
     net::{SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use aya::{
-    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        CgroupAttachMode, ProgramError,
+        CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError,
     },
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
 use egress_common::{
     maps, programs, Allow4, Allow6, Counter, DnsPeerKey, PortKey, Sandbox, SockKey, SockRecord,
     ALLOW_FIXED_PREFIX, SANDBOX_STRICT,
 };
 
-use crate::{addr, policy::TcpAllow};
+use crate::{addr, policy::TcpAllow, records::KernelRecords};
 
 /// The eBPF object, embedded at build time by `cargo xtask build`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EGRESS_BPF_OBJECT_PATH"));
@@ -41,8 +46,12 @@ pub enum Error {
     NotEmbedded,
     #[error("loading the eBPF object failed")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error("reading the embedded eBPF object failed")]
+    Parse(#[source] Box<aya_obj::ParseError>),
     #[error("eBPF program {name} is missing from the object")]
     MissingProgram { name: &'static str },
+    #[error("eBPF program {name} is not of the type egress attaches it as ({kind:?})")]
+    WrongProgramType { name: &'static str, kind: Kind },
     #[error("eBPF map {name} is missing from the object")]
     MissingMap { name: &'static str },
     #[error("eBPF program {name}: {what}")]
@@ -71,8 +80,20 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("opening the cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("bpffs at {path}")]
     Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("replacing the program of the pinned link {path}")]
+    LinkUpdate {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -95,6 +116,98 @@ fn prog_err(name: &'static str, what: &'static str) -> impl FnOnce(ProgramError)
     }
 }
 
+fn pin_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |e| Error::Pin {
+        path: path.to_owned(),
+        source: Box::new(e),
+    }
+}
+
+/// How a program is loaded and attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `cgroup/connect4` and friends.
+    SockAddr,
+    /// `cgroup/sock_create`, `cgroup/sock_release`.
+    Sock,
+    SockOps,
+    /// `cgroup_skb/egress`.
+    SkbEgress,
+}
+
+/// One program attached to every sandbox.
+#[derive(Clone, Copy, Debug)]
+pub struct Attach {
+    /// The program's name in the object.
+    pub program: &'static str,
+    pub kind: Kind,
+    /// The name its link is pinned under; the same for both cgroup_skb variants, so that a
+    /// sandbox has exactly one of them and a restart can swap one for the other.
+    pub pin: &'static str,
+}
+
+const fn attach(program: &'static str, kind: Kind) -> Attach {
+    Attach {
+        program,
+        kind,
+        pin: program,
+    }
+}
+
+/// The cgroup_skb slot: [`programs::SKB`], or [`programs::SKB_STRICT`] with `--strict`.
+const SKB_PIN: &str = "egress_skb";
+
+/// Every program attached to each sandbox, in attach order: the naming (cgroup_skb),
+/// re-keying and clean-up hooks go first so that no rewritten connect or send can miss them.
+pub const ATTACH: &[Attach] = &[
+    Attach {
+        program: programs::SKB,
+        kind: Kind::SkbEgress,
+        pin: SKB_PIN,
+    },
+    attach(programs::SOCK_RELEASE, Kind::Sock),
+    attach(programs::SOCKOPS, Kind::SockOps),
+    attach(programs::GETPEERNAME4, Kind::SockAddr),
+    attach(programs::GETPEERNAME6, Kind::SockAddr),
+    attach(programs::RECVMSG4, Kind::SockAddr),
+    attach(programs::RECVMSG6, Kind::SockAddr),
+    attach(programs::SOCK_CREATE, Kind::Sock),
+    attach(programs::SENDMSG4, Kind::SockAddr),
+    attach(programs::SENDMSG6, Kind::SockAddr),
+    attach(programs::CONNECT4, Kind::SockAddr),
+    attach(programs::CONNECT6, Kind::SockAddr),
+];
+
+/// Loaded but never in [`ATTACH`]: it takes the cgroup_skb slot of `--strict` sandboxes.
+const STRICT_SKB: Attach = Attach {
+    program: programs::SKB_STRICT,
+    kind: Kind::SkbEgress,
+    pin: SKB_PIN,
+};
+
+/// The program that fills `slot` for a sandbox.
+fn program_for(slot: &Attach, strict: bool) -> Attach {
+    if slot.pin == SKB_PIN && strict {
+        STRICT_SKB
+    } else {
+        *slot
+    }
+}
+
+/// Every map of the object; all are pinned under the root.
+pub const MAPS: &[&str] = &[
+    maps::SANDBOXES,
+    maps::INTERCEPT_PORTS,
+    maps::ALLOW4,
+    maps::ALLOW6,
+    maps::ORIG_BY_COOKIE,
+    maps::ORIG_BY_TUPLE,
+    maps::EVENTS,
+    maps::COUNTERS,
+    maps::DNS_BY_COOKIE,
+    maps::DNS_PEERS,
+];
+
 /// What the kernel needs to know about one sandbox.
 #[derive(Clone, Debug)]
 pub struct SandboxSpec {
@@ -110,9 +223,24 @@ pub struct SandboxSpec {
     pub strict: bool,
 }
 
-/// Loaded programs plus the control-side maps.
-pub struct Kernel {
-    ebpf: Ebpf,
+impl SandboxSpec {
+    fn row(&self) -> Sandbox {
+        Sandbox {
+            id: self.id,
+            listen4_addr: u32::from_ne_bytes(self.listen4.ip().octets()),
+            listen4_port: self.listen4.port().into(),
+            listen6_addr: addr::v6_words(self.listen6.ip()),
+            listen6_port: self.listen6.port().into(),
+            dns4_port: self.dns4_port.into(),
+            dns6_port: self.dns6_port.into(),
+            flags: if self.strict { SANDBOX_STRICT } else { 0 },
+            _pad: 0,
+        }
+    }
+}
+
+/// The control-side maps: rows per sandbox, and the counters.
+struct Maps {
     sandboxes: HashMap<MapData, u64, Sandbox>,
     ports: HashMap<MapData, PortKey, u32>,
     allow4: LpmTrie<MapData, Allow4, u32>,
@@ -120,84 +248,52 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
 }
 
-/// The half of the maps the data path uses: where each accepted connection was going.
-pub struct OrigDstTable {
-    by_tuple: Mutex<HashMap<MapData, SockKey, SockRecord>>,
+/// Loaded programs plus the control-side maps.
+pub struct Kernel {
+    ebpf: Mutex<Ebpf>,
+    maps: Arc<Mutex<Maps>>,
+    root: PathBuf,
 }
 
-impl OrigDstTable {
-    /// Looks up and deletes the entry for an accepted connection. One entry serves exactly
-    /// one connection, so a stale entry can never be matched twice.
-    pub fn take(&self, key: &SockKey) -> Option<SockRecord> {
-        let mut map = self.by_tuple.lock().unwrap_or_else(|p| p.into_inner());
+/// The data path's view of the kernel: the records of redirected sockets.
+pub struct BpfRecords {
+    by_tuple: Mutex<HashMap<MapData, SockKey, SockRecord>>,
+    dns_peers: Mutex<HashMap<MapData, DnsPeerKey, SockRecord>>,
+}
+
+impl KernelRecords for BpfRecords {
+    fn take_conn(&self, key: &SockKey) -> Option<SockRecord> {
+        let mut map = lock(&self.by_tuple);
         let v = map.get(key, 0).ok()?;
         let _ = map.remove(key);
         Some(v)
     }
-}
 
-/// Who is behind each datagram the DNS listener receives, as the kernel saw it leave.
-pub struct DnsPeerTable {
-    map: Mutex<HashMap<MapData, DnsPeerKey, SockRecord>>,
-}
-
-impl DnsPeerTable {
-    /// The sender of a datagram from `peer` in the namespace `netns`. Not deleted: a UDP
-    /// socket sends many queries; the kernel deletes the entry when the socket is released.
-    pub fn get(&self, netns: u64, peer: std::net::SocketAddr) -> Option<SockRecord> {
-        let key = DnsPeerKey {
-            netns,
-            addr: addr::mapped_words(peer.ip().to_canonical()),
-            port: peer.port().into(),
-            _pad: 0,
-        };
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&key, 0).ok()
+    fn dns_peer(&self, key: &DnsPeerKey) -> Option<SockRecord> {
+        lock(&self.dns_peers).get(key, 0).ok()
     }
 }
 
-/// Every program attached to each sandbox, in attach order: the re-keying, naming and
-/// clean-up hooks go first so that no rewritten connect or send can miss them. The
-/// cgroup_skb program (one of [`programs::SKB`] and [`programs::SKB_STRICT`]) comes first.
-const ATTACH: &[&str] = &[
-    programs::SOCK_RELEASE,
-    programs::SOCKOPS,
-    programs::GETPEERNAME4,
-    programs::GETPEERNAME6,
-    programs::RECVMSG4,
-    programs::RECVMSG6,
-    programs::SOCK_CREATE,
-    programs::SENDMSG4,
-    programs::SENDMSG6,
-    programs::CONNECT4,
-    programs::CONNECT6,
-];
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-/// Loaded but attached per sandbox, one or the other.
-const SKB_PROGRAMS: &[&str] = &[programs::SKB, programs::SKB_STRICT];
-
-/// Maps pinned beside the links, so that tests and operators can inspect a live run.
-const PINNED_MAPS: &[&str] = &[
-    maps::ORIG_BY_COOKIE,
-    maps::ORIG_BY_TUPLE,
-    maps::SANDBOXES,
-    maps::COUNTERS,
-    maps::DNS_BY_COOKIE,
-    maps::DNS_PEERS,
-];
-
-/// What [`Kernel::load`] hands to the data path.
+/// What [`Kernel::load`] hands out.
 pub struct Loaded {
     pub kernel: Kernel,
-    pub orig_dst: OrigDstTable,
-    pub dns_peers: DnsPeerTable,
+    pub records: BpfRecords,
     pub events: RingBuf<MapData>,
+    /// Pinned maps whose layout did not match this binary's; they were moved aside (see
+    /// [`Kernel::load`]) and should be removed once every link runs the new programs.
+    pub replaced: Vec<PathBuf>,
 }
 
 impl Kernel {
-    /// Loads and verifies every program, and pins the inspection maps under `pin_dir`.
-    /// Needs CAP_BPF and CAP_NET_ADMIN (or root).
-    pub fn load(pin_dir: &Path) -> Result<Loaded, Error> {
+    /// Loads and verifies every program, with every map pinned under `root`: a pinned map
+    /// already there is reused if its type, key, value, size and flags match this object,
+    /// and moved aside (`NAME.replaced`) otherwise, so that a new one is made. Needs
+    /// CAP_BPF and CAP_NET_ADMIN (or root).
+    pub fn load(root: &Path) -> Result<Loaded, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NotEmbedded);
         }
@@ -207,102 +303,221 @@ impl Kernel {
             nix::sys::resource::RLIM_INFINITY,
             nix::sys::resource::RLIM_INFINITY,
         );
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
-        for name in ATTACH.iter().chain(SKB_PROGRAMS) {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(Error::MissingProgram { name })?;
-            let r = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => p.load(),
-                aya::programs::Program::CgroupSock(p) => p.load(),
-                aya::programs::Program::SockOps(p) => p.load(),
-                aya::programs::Program::CgroupSkb(p) => p.load(),
-                _ => return Err(Error::MissingProgram { name }),
-            };
-            r.map_err(prog_err(name, "load"))?;
+        fs::create_dir_all(root).map_err(pin_err(root))?;
+        let replaced = set_aside_incompatible(root)?;
+        let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, root.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        fs::create_dir_all(pin_dir).map_err(|source| Error::Pin {
-            path: pin_dir.to_owned(),
-            source: Box::new(source),
-        })?;
-        for name in PINNED_MAPS {
-            let path = pin_dir.join(name);
-            let map = ebpf.map(name).ok_or(Error::MissingMap { name })?;
-            map.pin(&path).map_err(|e| Error::Pin {
-                path,
-                source: Box::new(e),
-            })?;
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        for a in ATTACH.iter().chain([&STRICT_SKB]) {
+            load_program(&mut ebpf, a)?;
         }
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(Error::MissingMap { name })
-        };
-        let kernel = Kernel {
-            sandboxes: HashMap::try_from(take(&mut ebpf, maps::SANDBOXES)?)
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(Error::MissingMap { name });
+        let maps = Maps {
+            sandboxes: HashMap::try_from(take(maps::SANDBOXES)?)
                 .map_err(map_err(maps::SANDBOXES, "open"))?,
-            ports: HashMap::try_from(take(&mut ebpf, maps::INTERCEPT_PORTS)?)
+            ports: HashMap::try_from(take(maps::INTERCEPT_PORTS)?)
                 .map_err(map_err(maps::INTERCEPT_PORTS, "open"))?,
-            allow4: LpmTrie::try_from(take(&mut ebpf, maps::ALLOW4)?)
+            allow4: LpmTrie::try_from(take(maps::ALLOW4)?)
                 .map_err(map_err(maps::ALLOW4, "open"))?,
-            allow6: LpmTrie::try_from(take(&mut ebpf, maps::ALLOW6)?)
+            allow6: LpmTrie::try_from(take(maps::ALLOW6)?)
                 .map_err(map_err(maps::ALLOW6, "open"))?,
-            counters: PerCpuArray::try_from(take(&mut ebpf, maps::COUNTERS)?)
+            counters: PerCpuArray::try_from(take(maps::COUNTERS)?)
                 .map_err(map_err(maps::COUNTERS, "open"))?,
-            ebpf,
         };
-        let mut kernel = kernel;
-        let table = OrigDstTable {
+        let records = BpfRecords {
             by_tuple: Mutex::new(
-                HashMap::try_from(take(&mut kernel.ebpf, maps::ORIG_BY_TUPLE)?)
+                HashMap::try_from(take(maps::ORIG_BY_TUPLE)?)
                     .map_err(map_err(maps::ORIG_BY_TUPLE, "open"))?,
             ),
-        };
-        let dns_peers = DnsPeerTable {
-            map: Mutex::new(
-                HashMap::try_from(take(&mut kernel.ebpf, maps::DNS_PEERS)?)
+            dns_peers: Mutex::new(
+                HashMap::try_from(take(maps::DNS_PEERS)?)
                     .map_err(map_err(maps::DNS_PEERS, "open"))?,
             ),
         };
-        let events = RingBuf::try_from(take(&mut kernel.ebpf, maps::EVENTS)?)
-            .map_err(map_err(maps::EVENTS, "open"))?;
+        let events =
+            RingBuf::try_from(take(maps::EVENTS)?).map_err(map_err(maps::EVENTS, "open"))?;
         Ok(Loaded {
-            kernel,
-            orig_dst: table,
-            dns_peers,
+            kernel: Kernel {
+                ebpf: Mutex::new(ebpf),
+                maps: Arc::new(Mutex::new(maps)),
+                root: root.to_owned(),
+            },
+            records,
             events,
+            replaced,
         })
     }
 
+    /// Where every map and link of this kernel is pinned.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Adds a sandbox's rows to the maps, then attaches every program to its cgroup and pins
-    /// the links under `pin_dir`.
+    /// the links under `link_dir`. A failure half-way undoes what was done.
     pub fn register(
-        &mut self,
+        &self,
         cgroup_dir: &Path,
         cgroup_id: u64,
         spec: &SandboxSpec,
-        pin_dir: &Path,
+        link_dir: &Path,
     ) -> Result<Registration, Error> {
         let mut reg = Registration {
+            maps: self.maps.clone(),
             cgroup_id,
             sandbox: spec.id,
             ports: Vec::new(),
             allow4: Vec::new(),
             allow6: Vec::new(),
             links: Vec::new(),
-            pin_dir: pin_dir.to_owned(),
+            link_dir: link_dir.to_owned(),
+            keep: false,
         };
-        fs::create_dir_all(pin_dir).map_err(|source| Error::Pin {
-            path: pin_dir.to_owned(),
-            source: Box::new(source),
+        reg.write_rows(spec)?;
+        fs::create_dir_all(link_dir).map_err(pin_err(link_dir))?;
+        let cgroup = fs::File::open(cgroup_dir).map_err(|source| Error::Cgroup {
+            path: cgroup_dir.to_owned(),
+            source,
         })?;
+        let mut ebpf = lock(&self.ebpf);
+        for slot in ATTACH {
+            let a = program_for(slot, spec.strict);
+            let link = attach_program(&mut ebpf, &a, cgroup.as_fd())?;
+            let path = link_dir.join(a.pin);
+            let pinned = link.pin(&path).map_err(|e| Error::Pin {
+                path,
+                source: Box::new(e),
+            })?;
+            reg.links.push(pinned);
+        }
+        Ok(reg)
+    }
+
+    /// Sum over CPUs of one kernel counter.
+    pub fn counter(&self, c: Counter) -> u64 {
+        lock(&self.maps)
+            .counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, a: &Attach) -> Result<(), Error> {
+    let name = a.program;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { name })?;
+    let r = match (a.kind, prog) {
+        (Kind::SockAddr, Program::CgroupSockAddr(p)) => p.load(),
+        (Kind::Sock, Program::CgroupSock(p)) => p.load(),
+        (Kind::SockOps, Program::SockOps(p)) => p.load(),
+        (Kind::SkbEgress, Program::CgroupSkb(p)) => p.load(),
+        (kind, _) => return Err(Error::WrongProgramType { name, kind }),
+    };
+    r.map_err(prog_err(name, "load"))
+}
+
+fn attach_program(ebpf: &mut Ebpf, a: &Attach, cgroup: BorrowedFd<'_>) -> Result<FdLink, Error> {
+    let name = a.program;
+    // BPF links on cgroups always coexist with other links (multi-attach); the kernel
+    // refuses any attach flag on them, so `Single` (no flag) is the right mode here.
+    let mode = CgroupAttachMode::Single;
+    let link_err = |e: LinkError| Error::Link {
+        name,
+        source: Box::new(e),
+    };
+    // Each program type has its own link type; all of them are fd-based on Linux 5.7+,
+    // which is what pinning needs.
+    macro_rules! attach_fd {
+        ($p:expr, $($arg:expr),*) => {{
+            let id = $p.attach(cgroup, $($arg,)* mode).map_err(prog_err(name, "attach"))?;
+            let link = $p.take_link(id).map_err(prog_err(name, "attach"))?;
+            FdLink::try_from(link).map_err(link_err)?
+        }};
+    }
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram { name })?;
+    Ok(match (a.kind, prog) {
+        (Kind::SockAddr, Program::CgroupSockAddr(p)) => attach_fd!(p,),
+        (Kind::Sock, Program::CgroupSock(p)) => attach_fd!(p,),
+        (Kind::SockOps, Program::SockOps(p)) => attach_fd!(p,),
+        (Kind::SkbEgress, Program::CgroupSkb(p)) => attach_fd!(p, CgroupSkbAttachType::Egress),
+        (kind, _) => return Err(Error::WrongProgramType { name, kind }),
+    })
+}
+
+/// Moves aside every pinned map under `root` whose layout differs from this object's.
+fn set_aside_incompatible(root: &Path) -> Result<Vec<PathBuf>, Error> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| Error::Parse(Box::new(e)))?;
+    let mut replaced = Vec::new();
+    for &name in MAPS {
+        let path = root.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let want = obj.maps.get(name).ok_or(Error::MissingMap { name })?;
+        let fits = match MapInfo::from_pin(&path) {
+            Ok(have) => {
+                let want_entries = if want.map_type()
+                    == aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32
+                {
+                    want.max_entries().div_ceil(4096) * 4096
+                } else {
+                    want.max_entries()
+                };
+                have.map_type().ok().map(|t| t as u32) == Some(want.map_type())
+                    && have.key_size() == want.key_size()
+                    && have.value_size() == want.value_size()
+                    && have.max_entries() == want_entries
+                    && have.map_flags() == want.map_flags()
+            }
+            Err(_) => false,
+        };
+        if !fits {
+            let aside = root.join(format!("{name}.replaced"));
+            let _ = fs::remove_file(&aside);
+            fs::rename(&path, &aside).map_err(pin_err(&path))?;
+            tracing::warn!(map = name, pin = %path.display(), "pinned map does not match this binary's layout; replacing it");
+            replaced.push(aside);
+        }
+    }
+    Ok(replaced)
+}
+
+/// A sandbox's footprint in the kernel: its map rows and pinned links. Dropping it detaches
+/// the links, then deletes the rows and the link directory, leaving every other sandbox as
+/// it was; [`Registration::persist`] leaves everything in place instead (a daemon going down
+/// keeps its sandboxes closed).
+pub struct Registration {
+    maps: Arc<Mutex<Maps>>,
+    cgroup_id: u64,
+    sandbox: u32,
+    ports: Vec<PortKey>,
+    allow4: Vec<Key<Allow4>>,
+    allow6: Vec<Key<Allow6>>,
+    links: Vec<PinnedLink>,
+    link_dir: PathBuf,
+    keep: bool,
+}
+
+impl Registration {
+    /// Writes the sandbox row and its port and allowance rows, recording each for undo.
+    fn write_rows(&mut self, spec: &SandboxSpec) -> Result<(), Error> {
+        let mut m = lock(&self.maps);
         for &port in &spec.intercept_ports {
             let key = PortKey {
                 sandbox: spec.id,
                 port: port.into(),
             };
-            self.ports
+            m.ports
                 .insert(key, 1, 0)
                 .map_err(map_err(maps::INTERCEPT_PORTS, "insert"))?;
-            reg.ports.push(key);
+            self.ports.push(key);
         }
         for a in &spec.allow_tcp {
             match a.net.addr {
@@ -315,10 +530,10 @@ impl Kernel {
                             addr: u32::from_ne_bytes(ip.octets()),
                         },
                     );
-                    self.allow4
+                    m.allow4
                         .insert(&key, 1, 0)
                         .map_err(map_err(maps::ALLOW4, "insert"))?;
-                    reg.allow4.push(key);
+                    self.allow4.push(key);
                 }
                 std::net::IpAddr::V6(ip) => {
                     let key = Key::new(
@@ -329,130 +544,56 @@ impl Kernel {
                             addr: addr::v6_words(&ip),
                         },
                     );
-                    self.allow6
+                    m.allow6
                         .insert(&key, 1, 0)
                         .map_err(map_err(maps::ALLOW6, "insert"))?;
-                    reg.allow6.push(key);
+                    self.allow6.push(key);
                 }
             }
         }
-        let row = Sandbox {
-            id: spec.id,
-            listen4_addr: u32::from_ne_bytes(spec.listen4.ip().octets()),
-            listen4_port: spec.listen4.port().into(),
-            listen6_addr: addr::v6_words(spec.listen6.ip()),
-            listen6_port: spec.listen6.port().into(),
-            dns4_port: spec.dns4_port.into(),
-            dns6_port: spec.dns6_port.into(),
-            flags: if spec.strict { SANDBOX_STRICT } else { 0 },
-            _pad: 0,
-        };
-        self.sandboxes
-            .insert(cgroup_id, row, 0)
+        m.sandboxes
+            .insert(self.cgroup_id, spec.row(), 0)
             .map_err(map_err(maps::SANDBOXES, "insert"))?;
-
-        let cgroup = fs::File::open(cgroup_dir).map_err(|source| Error::Pin {
-            path: cgroup_dir.to_owned(),
-            source: Box::new(source),
-        })?;
-        let skb = if spec.strict {
-            programs::SKB_STRICT
-        } else {
-            programs::SKB
-        };
-        for name in std::iter::once(&skb).chain(ATTACH) {
-            let link = self.attach(name, cgroup.as_fd())?;
-            let path = pin_dir.join(name);
-            let pinned = link.pin(&path).map_err(|e| Error::Pin {
-                path,
-                source: Box::new(e),
-            })?;
-            reg.links.push(pinned);
-        }
-        Ok(reg)
+        Ok(())
     }
 
-    fn attach(&mut self, name: &'static str, cgroup: BorrowedFd<'_>) -> Result<FdLink, Error> {
-        use aya::programs::Program;
-        // BPF links on cgroups always coexist with other links (multi-attach); the kernel
-        // refuses any attach flag on them, so `Single` (no flag) is the right mode here.
-        let mode = CgroupAttachMode::Single;
-        let link_err = |e: LinkError| Error::Link {
-            name,
-            source: Box::new(e),
-        };
-        // Each program type has its own link type; all of them are fd-based on Linux 5.7+,
-        // which is what pinning needs.
-        macro_rules! attach_fd {
-            ($p:expr) => {{
-                let id = $p.attach(cgroup, mode).map_err(prog_err(name, "attach"))?;
-                let link = $p.take_link(id).map_err(prog_err(name, "attach"))?;
-                FdLink::try_from(link).map_err(link_err)?
-            }};
-        }
-        let prog = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram { name })?;
-        Ok(match prog {
-            Program::CgroupSockAddr(p) => attach_fd!(p),
-            Program::CgroupSock(p) => attach_fd!(p),
-            Program::SockOps(p) => attach_fd!(p),
-            Program::CgroupSkb(p) => {
-                let id = p
-                    .attach(cgroup, aya::programs::CgroupSkbAttachType::Egress, mode)
-                    .map_err(prog_err(name, "attach"))?;
-                let link = p.take_link(id).map_err(prog_err(name, "attach"))?;
-                FdLink::try_from(link).map_err(link_err)?
-            }
-            _ => return Err(Error::MissingProgram { name }),
-        })
+    pub fn sandbox(&self) -> u32 {
+        self.sandbox
     }
 
-    /// Removes a sandbox: detaches and unpins its links, and deletes its map rows.
-    pub fn unregister(&mut self, reg: Registration) {
-        for link in reg.links {
+    /// Leaves links, rows and pins in place: the sandbox stays captured with no egress
+    /// running, until a new egress re-adopts it or `egress gc` removes it.
+    pub fn persist(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        // Links first: once they are gone no program runs for this cgroup, so deleting the
+        // rows cannot make a hook see a half-removed sandbox.
+        for link in self.links.drain(..) {
             if let Err(e) = link.unpin() {
                 tracing::warn!(error = %e, "unpinning a link failed");
             }
         }
-        let _ = self.sandboxes.remove(&reg.cgroup_id);
-        for k in &reg.ports {
-            let _ = self.ports.remove(k);
+        let mut m = lock(&self.maps);
+        let _ = m.sandboxes.remove(&self.cgroup_id);
+        for k in &self.ports {
+            let _ = m.ports.remove(k);
         }
-        for k in &reg.allow4 {
-            let _ = self.allow4.remove(k);
+        for k in &self.allow4 {
+            let _ = m.allow4.remove(k);
         }
-        for k in &reg.allow6 {
-            let _ = self.allow6.remove(k);
+        for k in &self.allow6 {
+            let _ = m.allow6.remove(k);
         }
-        let _ = fs::remove_dir(&reg.pin_dir);
-        tracing::debug!(sandbox = reg.sandbox, "sandbox unregistered");
-    }
-
-    /// Sum over CPUs of one kernel counter.
-    pub fn counter(&self, c: Counter) -> u64 {
-        self.counters
-            .get(&(c as u32), 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-    }
-}
-
-/// A sandbox's footprint in the kernel, handed back to [`Kernel::unregister`].
-pub struct Registration {
-    cgroup_id: u64,
-    sandbox: u32,
-    ports: Vec<PortKey>,
-    allow4: Vec<Key<Allow4>>,
-    allow6: Vec<Key<Allow6>>,
-    links: Vec<PinnedLink>,
-    pin_dir: PathBuf,
-}
-
-impl Registration {
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+        drop(m);
+        let _ = fs::remove_dir(&self.link_dir);
+        tracing::debug!(sandbox = self.sandbox, "sandbox unregistered");
     }
 }
 
@@ -497,13 +638,4 @@ pub fn bpffs() -> Result<PathBuf, Error> {
         source: e.into(),
     })?;
     Ok(path)
-}
-
-/// Decodes a v4-mapped or native IPv6 address from network-order words.
-pub fn words_to_ip(w: &[u32; 4]) -> std::net::IpAddr {
-    let v6 = addr::ip_from_words(w);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => v4.into(),
-        None => v6.into(),
-    }
 }

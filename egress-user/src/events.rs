@@ -1,6 +1,7 @@
-//! Refusals reported by the kernel programs through the ring buffer, turned into log lines.
+//! Refusals reported by the kernel programs through the ring buffer, turned into audit
+//! records, counters and log lines.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
 use egress_common::{Event, EventKind};
@@ -8,7 +9,8 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     addr,
-    audit::{Audit, KernelRecord, Record},
+    audit::{Decision, KernelRecord, Record},
+    state::Shared,
 };
 
 /// Decodes one ring-buffer record; `None` for a record of the wrong size.
@@ -60,8 +62,7 @@ fn describe(kind: u32) -> &'static str {
 /// the ring buffer, so that no refusal reported before shutdown is lost.
 pub async fn run(
     ring: RingBuf<MapData>,
-    audit: Audit,
-    names: std::collections::HashMap<u32, String>,
+    shared: Arc<Shared>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
@@ -73,34 +74,31 @@ pub async fn run(
         let stopping = tokio::select! {
             r = fd.readable_mut() => {
                 let mut guard = r?;
-                drain(guard.get_inner_mut(), &audit, &names);
+                drain(guard.get_inner_mut(), &shared);
                 guard.clear_ready();
                 false
             }
             _ = &mut stop => true,
         };
         if stopping {
-            drain(fd.get_mut(), &audit, &names);
+            drain(fd.get_mut(), &shared);
             return Ok(());
         }
     }
 }
 
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    audit: &Audit,
-    names: &std::collections::HashMap<u32, String>,
-) {
+fn drain(ring: &mut RingBuf<MapData>, shared: &Shared) {
     while let Some(item) = ring.next() {
         match decode(&item) {
             Some(ev) => {
                 let dst = SocketAddr::new(addr::ip_from_mapped_words(&ev.addr), ev.port as u16);
-                audit.record(&Record::KernelDeny(KernelRecord {
+                let refused = ev.kind != EventKind::RecordFailed as u32;
+                if let Some(sb) = shared.registry.get(ev.sandbox).filter(|_| refused) {
+                    sb.counters.kernel_denies.add(ev.protocol);
+                }
+                shared.audit.record(&Record::KernelDeny(KernelRecord {
                     ts: crate::audit::now(),
-                    sandbox: names
-                        .get(&ev.sandbox)
-                        .cloned()
-                        .unwrap_or_else(|| ev.sandbox.to_string()),
+                    sandbox: shared.registry.name(ev.sandbox),
                     pid: ev.tgid,
                     comm: addr::comm(&ev.comm),
                     protocol: protocol_name(ev.protocol),
@@ -110,10 +108,10 @@ fn drain(
                     } else {
                         dst.to_string()
                     },
-                    decision: if ev.kind == EventKind::RecordFailed as u32 {
-                        "error"
+                    decision: if refused {
+                        Decision::Deny
                     } else {
-                        "deny"
+                        Decision::Error
                     },
                     reason: describe(ev.kind),
                 }));

@@ -1,6 +1,8 @@
 //! egress: a transparent, eBPF-captured egress proxy for sandboxes.
 //!
 //! Reading order for the data path: `main.rs` (CLI) → [`app`] (wiring) → [`proxy`].
+//! What the proxy, DNS and the kernel event reader share is in [`state`]; one sandbox's
+//! handle is [`sandbox::Sandbox`].
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -10,15 +12,19 @@ pub mod bpf;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod command;
 pub mod dns;
 pub mod events;
 pub mod gc;
+pub mod listen;
 pub mod netns;
 pub mod policy;
 pub mod proxy;
+pub mod records;
 pub mod reload;
 pub mod sandbox;
 pub mod secrets;
+pub mod state;
 pub mod tls;
 
 /// An error and its sources on one line: `outer: inner: root cause`.

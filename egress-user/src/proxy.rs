@@ -17,23 +17,24 @@ pub mod prefixed;
 pub mod sniff;
 pub mod upstream;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
 };
-use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument as _};
 
 use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
-    audit::{Audit, ConnectionRecord, Record},
-    bpf::OrigDstTable,
+    audit::{ConnectionRecord, Decision, Record},
     netns,
-    policy::{file::HostDecision, LivePolicy},
-    tls::mint::LeafCache,
+    policy::file::HostDecision,
+    state::{ListenStats, SandboxState, Shared},
 };
 
 /// How long a client may take to send enough bytes to tell TLS from HTTP.
@@ -48,40 +49,30 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// and record headers.
 const MAX_SNIFF_BYTES: usize = sniff::MAX_CLIENT_HELLO + 64;
 
-/// Everything the data path shares, immutable once built.
-pub struct Ctx {
-    /// The current policy; a reload swaps it, requests in flight keep the one they loaded.
-    pub policy: Arc<arc_swap::ArcSwap<LivePolicy>>,
-    pub leaves: Arc<LeafCache>,
-    pub pool: upstream::Pool,
-    pub audit: Audit,
-    /// Log query strings in audit records (they often carry tokens; off by default).
-    pub audit_query: bool,
-    /// Sandbox id (as the kernel reports it) → name, for audit records.
-    pub sandbox_names: std::collections::HashMap<u32, String>,
-    /// What each sandbox's names resolved to through the DNS listener (DNS pinning).
-    pub pins: Arc<crate::dns::pins::Pins>,
+/// One redirected connection: who made it and where it was going (from the kernel's
+/// record), the sandbox it belongs to, and what every sandbox shares.
+pub struct Conn {
+    pub shared: Arc<Shared>,
+    pub sandbox: Arc<SandboxState>,
+    pub meta: ConnMeta,
 }
 
-impl Ctx {
-    pub fn sandbox_name(&self, id: u32) -> String {
-        self.sandbox_names
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| id.to_string())
-    }
-
+impl Conn {
     /// Records a connection-level outcome (passthrough, refused).
-    pub fn audit_connection(&self, meta: &ConnMeta, rec: ConnectionRecord) {
-        self.audit.record(&Record::Connection(ConnectionRecord {
-            ts: crate::audit::now(),
-            sandbox: self.sandbox_name(meta.sandbox),
-            pid: meta.pid,
-            comm: meta.comm.clone(),
-            client: meta.client.to_string(),
-            orig_dst: meta.orig_dst.to_string(),
-            ..rec
-        }));
+    pub fn audit_connection(&self, rec: ConnectionRecord) {
+        let meta = &self.meta;
+        self.sandbox.counters.connections.add(rec.decision);
+        self.shared
+            .audit
+            .record(&Record::Connection(ConnectionRecord {
+                ts: crate::audit::now(),
+                sandbox: self.sandbox.name.clone(),
+                pid: meta.pid,
+                comm: meta.comm.clone(),
+                client: meta.client.to_string(),
+                orig_dst: meta.orig_dst.to_string(),
+                ..rec
+            }));
     }
 }
 
@@ -93,6 +84,18 @@ pub struct ConnMeta {
     pub sandbox: u32,
     pub pid: u32,
     pub comm: String,
+}
+
+impl ConnMeta {
+    pub fn new(rec: &egress_common::SockRecord, client: ClientAddr) -> Self {
+        ConnMeta {
+            orig_dst: addr::orig_dst(rec),
+            client,
+            sandbox: rec.sandbox,
+            pid: rec.tgid,
+            comm: addr::comm(&rec.comm),
+        }
+    }
 }
 
 /// A bound proxy listener and the namespace cookie its connections are keyed with.
@@ -117,23 +120,13 @@ impl Listener {
     }
 }
 
-/// Counters of the data path, read by tests and, later, metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub accepted: std::sync::atomic::AtomicU64,
-    pub no_orig_dst: std::sync::atomic::AtomicU64,
-}
-
-/// Accepts connections until the task is dropped.
-///
-/// Connection tasks go on `conns`, so that shutdown can let them finish (and write their log
-/// lines) instead of cutting them off.
+/// Accepts connections until the task is dropped, and hands each to the sandbox the
+/// kernel's record names. Connection tasks run on that sandbox's tracker, so removing it
+/// drains exactly its connections.
 pub async fn serve(
     listener: Listener,
-    table: Arc<OrigDstTable>,
-    stats: Arc<Stats>,
-    conns: TaskTracker,
-    ctx: Arc<Ctx>,
+    shared: Arc<Shared>,
+    stats: Arc<ListenStats>,
 ) -> std::io::Result<()> {
     let Listener {
         inner,
@@ -152,38 +145,39 @@ pub async fn serve(
                 continue;
             }
         };
-        stats
-            .accepted
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
         next_id += 1;
         let client = ClientAddr::from_peer(peer);
         let key = addr::sock_key(netns, client, listen);
-        let Some(rec) = table.take(&key) else {
-            stats
-                .no_orig_dst
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(rec) = shared.records.take_conn(&key) else {
+            stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "connection refused: no original destination recorded for it");
             drop(stream);
             continue;
         };
-        let meta = ConnMeta {
-            orig_dst: addr::orig_dst(&rec),
-            client,
-            sandbox: rec.sandbox,
-            pid: rec.tgid,
-            comm: addr::comm(&rec.comm),
+        let meta = ConnMeta::new(&rec, client);
+        let Some(sandbox) = shared.registry.get(meta.sandbox) else {
+            stats.unknown_sandbox.fetch_add(1, Ordering::Relaxed);
+            warn!(%client, %listen, sandbox = meta.sandbox, "connection refused: its sandbox is not registered");
+            drop(stream);
+            continue;
         };
         let span = info_span!(
             "conn",
             id = next_id,
-            sandbox = meta.sandbox,
+            sandbox = %sandbox.name,
             orig_dst = %meta.orig_dst,
         );
-        conns.spawn(handle(stream, meta, ctx.clone()).instrument(span));
+        let conn = Conn {
+            shared: shared.clone(),
+            sandbox: sandbox.clone(),
+            meta,
+        };
+        sandbox.spawn(handle(stream, conn).instrument(span));
     }
 }
 
-async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
+async fn handle(mut stream: TcpStream, conn: Conn) {
     let _ = stream.set_nodelay(true);
     let mut buf = BytesMut::with_capacity(2048);
     let kind = loop {
@@ -206,8 +200,9 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
     let kind = match kind {
         Ok(k) => k,
         Err(reason) => {
+            let meta = &conn.meta;
             warn!(
-                sandbox = meta.sandbox,
+                sandbox = %conn.sandbox.name,
                 pid = meta.pid,
                 comm = %meta.comm,
                 client = %meta.client,
@@ -216,12 +211,11 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
                 reason,
                 "connection refused"
             );
-            let rec = ConnectionRecord {
-                decision: "deny",
+            conn.audit_connection(ConnectionRecord {
+                decision: Decision::Deny,
                 reason: Some(reason.into()),
                 ..Default::default()
-            };
-            ctx.audit_connection(&meta, rec);
+            });
             return;
         }
     };
@@ -231,42 +225,45 @@ async fn handle(mut stream: TcpStream, meta: ConnMeta, ctx: Arc<Ctx>) {
             let name = hello
                 .sni
                 .clone()
-                .unwrap_or_else(|| meta.orig_dst.0.ip().to_string());
-            let live = ctx.policy.load_full();
+                .unwrap_or_else(|| conn.meta.orig_dst.0.ip().to_string());
+            let live = conn.sandbox.policy.load_full();
             match live.sandbox.host_decision(&name) {
                 HostDecision::Passthrough { rule } => {
-                    let dst = meta.orig_dst.0.ip();
-                    let resolved = |n: &str| ctx.pins.resolves_to(meta.sandbox, n, dst);
+                    let dst = conn.meta.orig_dst.0.ip();
+                    let sb = &conn.sandbox;
+                    let resolved = |n: &str| sb.pins.resolves_to(sb.id, n, dst);
                     if let Some(reason) =
                         decide::connection_refusal(&live.sandbox, &name, dst, &resolved)
                     {
                         warn!(sni = %name, reason, "passthrough connection refused");
-                        let rec = ConnectionRecord {
+                        conn.audit_connection(ConnectionRecord {
                             sni: Some(name.clone()),
-                            decision: "deny",
+                            decision: Decision::Deny,
                             rule,
                             reason: Some(reason),
                             tls: "passthrough",
                             ..Default::default()
-                        };
-                        ctx.audit_connection(&meta, rec);
+                        });
                         return;
                     }
-                    passthrough::splice(stream, &meta, &name, &rule, &ctx).await
+                    passthrough::splice(stream, &conn, &name, &rule).await
                 }
                 // Denied names are intercepted too, so that the client gets a readable 403.
                 HostDecision::Allow { .. } | HostDecision::Deny { .. } => {
-                    mitm::intercept(stream, ctx, meta, hello).await
+                    mitm::intercept(stream, conn, hello).await
                 }
             }
         }
         sniff::Sniff::Http => {
-            let conn = http::ConnInfo {
-                meta,
-                sni: None,
-                tls: false,
-            };
-            http::serve(stream, ctx, Arc::new(conn)).await
+            http::serve(
+                stream,
+                Arc::new(http::ConnInfo {
+                    conn,
+                    sni: None,
+                    tls: false,
+                }),
+            )
+            .await
         }
         sniff::Sniff::NeedMore | sniff::Sniff::Other => {}
     }

@@ -1,150 +1,178 @@
-//! Starting the sandboxed command: into the sandbox cgroup (and netns) before `exec`, as an
-//! unprivileged user, with signals forwarded and its exit status passed through.
+//! One sandbox under egress: the handle that owns everything of it.
+//!
+//! A [`Sandbox`] holds its data-path state (registered in the [`Registry`]), its kernel
+//! [`Registration`] (map rows and pinned links on its cgroup), a share of the listeners of
+//! the network namespace it lives in, and its run directory. Removing it
+//! ([`Sandbox::remove`], or dropping it) undoes exactly that, in order, and leaves every
+//! other sandbox as it was.
+//!
+//! [`Registry`]: crate::state::Registry
 
-use std::{
-    io,
-    os::{fd::AsRawFd, unix::process::ExitStatusExt as _},
-    process::ExitStatus,
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use crate::{
+    bpf::{self, Kernel, Registration, SandboxSpec},
+    dns,
+    listen::Listeners,
+    netns::Connector,
+    policy::LivePolicy,
+    proxy::upstream::Pool,
+    state::{DuplicateId, SandboxState, Shared},
 };
-
-use tokio::signal::unix::{signal, SignalKind};
-
-use crate::{cgroup::SandboxCgroup, cli::SandboxUser, netns::NetNs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot start {cmd:?}")]
-    Spawn {
-        cmd: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("waiting for the command")]
-    Wait(#[source] io::Error),
     #[error(transparent)]
-    Cgroup(#[from] crate::cgroup::Error),
+    Duplicate(#[from] DuplicateId),
+    #[error("registering sandbox {name} with the kernel")]
+    Kernel {
+        name: String,
+        #[source]
+        source: bpf::Error,
+    },
 }
 
-impl Error {
-    /// Like a shell: 127 for a command that does not exist, 126 for one that cannot run.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Error::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
-            Error::Spawn { .. } => 126,
-            _ => crate::exit::SOFTWARE,
+/// Everything needed to put one cgroup under egress.
+pub struct Config {
+    /// The id the kernel writes into this sandbox's records; unique within the process.
+    pub id: u32,
+    pub name: String,
+    /// The cgroup (subtree) whose sockets are captured.
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub policy: LivePolicy,
+    /// TCP ports sent through the proxy.
+    pub intercept_ports: Vec<u16>,
+    /// Attach the `--strict` packet backstop.
+    pub strict: bool,
+    /// The listeners of the namespace the sandbox lives in.
+    pub listeners: Arc<Listeners>,
+    /// Where its upstream connections and DNS forwarding leave from.
+    pub upstream: Connector,
+    /// Where permitted DNS queries are forwarded.
+    pub resolvers: dns::upstream::Upstreams,
+    /// Where its links are pinned.
+    pub link_dir: PathBuf,
+}
+
+/// A directory of per-sandbox files (the CA bundle `egress run` hands the command), removed
+/// with the sandbox.
+pub struct RunDir(pub PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sandbox being served. See the module docs.
+pub struct Sandbox {
+    state: Arc<SandboxState>,
+    shared: Arc<Shared>,
+    cgroup: PathBuf,
+    registration: Option<Registration>,
+    listeners: Option<Arc<Listeners>>,
+    run_dir: Option<RunDir>,
+    registered: bool,
+}
+
+impl Sandbox {
+    /// Registers the sandbox's state, then its rows and programs, so that its first
+    /// captured connect already finds its policy. A failure half-way undoes what was done.
+    pub fn add(
+        shared: &Arc<Shared>,
+        kernel: &Kernel,
+        cfg: Config,
+        run_dir: Option<RunDir>,
+    ) -> Result<Sandbox, Error> {
+        let spec = SandboxSpec {
+            id: cfg.id,
+            listen4: cfg.listeners.addrs.proxy4,
+            listen6: cfg.listeners.addrs.proxy6,
+            dns4_port: cfg.listeners.addrs.dns4_port,
+            dns6_port: cfg.listeners.addrs.dns6_port,
+            intercept_ports: cfg.intercept_ports,
+            allow_tcp: cfg.policy.sandbox.tcp.clone(),
+            strict: cfg.strict,
+        };
+        let pool = Pool::new(&shared.upstream_tls, cfg.upstream.clone());
+        let resolvers = cfg.resolvers.via(cfg.upstream);
+        let state = Arc::new(SandboxState::new(
+            cfg.id, cfg.name, cfg.policy, pool, resolvers,
+        ));
+        shared.registry.insert(state.clone())?;
+        let mut sb = Sandbox {
+            state,
+            shared: shared.clone(),
+            cgroup: cfg.cgroup,
+            registration: None,
+            listeners: Some(cfg.listeners),
+            run_dir,
+            registered: true,
+        };
+        let reg = kernel
+            .register(&sb.cgroup, cfg.cgroup_id, &spec, &cfg.link_dir)
+            .map_err(|source| Error::Kernel {
+                name: sb.state.name.clone(),
+                source,
+            })?;
+        sb.registration = Some(reg);
+        Ok(sb)
+    }
+
+    pub fn state(&self) -> &Arc<SandboxState> {
+        &self.state
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn cgroup(&self) -> &std::path::Path {
+        &self.cgroup
+    }
+
+    pub fn listeners(&self) -> Option<&Arc<Listeners>> {
+        self.listeners.as_ref()
+    }
+
+    /// Removes the sandbox: its programs and rows first (its cgroup is no longer captured),
+    /// then its state, then its connections get up to `drain` to finish before they are
+    /// cut off; then its share of the listeners and its run directory go. Returns how many
+    /// connections were cut off.
+    pub async fn remove(mut self, drain: Duration) -> usize {
+        drop(self.registration.take());
+        self.unregister_state();
+        let cut = self.state.drain(drain).await;
+        drop(self.listeners.take());
+        drop(self.run_dir.take());
+        cut
+    }
+
+    /// Stops serving the sandbox but leaves it captured in the kernel (links, rows, pins
+    /// stay), for a daemon going down: its connects are refused until a new daemon
+    /// re-adopts it.
+    pub async fn release(mut self, drain: Duration) -> usize {
+        if let Some(r) = self.registration.take() {
+            r.persist();
+        }
+        self.unregister_state();
+        let cut = self.state.drain(drain).await;
+        drop(self.listeners.take());
+        cut
+    }
+
+    fn unregister_state(&mut self) {
+        if std::mem::take(&mut self.registered) {
+            self.shared.registry.remove(self.state.id);
         }
     }
 }
 
-/// Signals passed on to the command. SIGINT from a terminal usually reaches the command
-/// directly as well (same process group); forwarding it too covers `kill -INT <egress>`.
-const FORWARDED: &[SignalKind] = &[
-    SignalKind::interrupt(),
-    SignalKind::terminate(),
-    SignalKind::hangup(),
-    SignalKind::quit(),
-    SignalKind::user_defined1(),
-    SignalKind::user_defined2(),
-];
-
-/// Spawns `argv` inside `cgroup` and waits for it, forwarding signals. With `keep_hup`,
-/// SIGHUP is egress's own (policy reload) and is not passed on.
-#[allow(unsafe_code)]
-pub async fn run(
-    argv: &[std::ffi::OsString],
-    cgroup: &SandboxCgroup,
-    netns: Option<&NetNs>,
-    user: &SandboxUser,
-    env: &[(String, String)],
-    keep_hup: bool,
-) -> Result<ExitStatus, Error> {
-    let procs = cgroup.procs_file()?;
-    let procs_fd = procs.as_raw_fd();
-    let netns_fd = netns.map(|n| n.fd().as_raw_fd());
-    let (uid, gid) = (user.uid, user.gid);
-
-    let mut cmd = tokio::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env("USER", &user.name)
-        .env("LOGNAME", &user.name)
-        .env("HOME", &user.home)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .kill_on_drop(true);
-    // SAFETY: between fork and exec only async-signal-safe calls are made (write, setns,
-    // setgroups, setgid, setuid, prctl), on values captured by copy.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Into the sandbox before anything else: every socket the command opens from
-            // here on belongs to the sandbox cgroup.
-            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(fd) = netns_fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            // No setuid binary inside the sandbox can win back the privileges dropped above.
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
-        cmd: argv[0].to_string_lossy().into_owned(),
-        source,
-    })?;
-    drop(procs);
-    let pid = child.id().map(|p| p as libc::pid_t);
-    tracing::info!(pid, user = %user.name, uid, cgroup = %cgroup.path().display(), "command started");
-
-    let mut streams = Vec::new();
-    for &kind in FORWARDED
-        .iter()
-        .filter(|k| !(keep_hup && **k == SignalKind::hangup()))
-    {
-        streams.push((kind, signal(kind).map_err(Error::Wait)?));
-    }
-    loop {
-        let any_signal = futures_select(&mut streams);
-        tokio::select! {
-            status = child.wait() => return status.map_err(Error::Wait),
-            kind = any_signal => {
-                if let Some(pid) = pid {
-                    // SAFETY: plain kill(2) on our own child's pid.
-                    unsafe { libc::kill(pid, kind.as_raw_value()) };
-                }
-            }
-        }
-    }
-}
-
-/// Waits for the first of several signal streams.
-async fn futures_select(streams: &mut [(SignalKind, tokio::signal::unix::Signal)]) -> SignalKind {
-    std::future::poll_fn(|cx| {
-        for (kind, s) in streams.iter_mut() {
-            if s.poll_recv(cx).is_ready() {
-                return std::task::Poll::Ready(*kind);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// The shell convention: the exit code, or 128+N for death by signal N.
-pub fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => c as u8,
-        (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
-        _ => crate::exit::SOFTWARE,
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        drop(self.registration.take());
+        self.unregister_state();
+        self.state.cut.cancel();
     }
 }

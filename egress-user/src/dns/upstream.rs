@@ -19,11 +19,11 @@ use hickory_proto::{
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
     time::{timeout, timeout_at, Instant},
 };
 
 use super::message::HEADER_LEN;
+use crate::netns::Connector;
 
 /// Per-attempt timeout without `options timeout:` (glibc's default is 5 s; a sandboxed
 /// program waiting on egress already waits on its own resolver timeout too).
@@ -41,12 +41,23 @@ const ATTEMPTS_RANGE: (u32, u32) = (1, 3);
 const DNS_PORT: u16 = 53;
 
 /// The resolvers egress forwards to, and how patiently.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Upstreams {
     servers: Vec<SocketAddr>,
     timeout: Duration,
     attempts: u32,
+    /// Where the forwarding sockets are made (egress's namespace or a sandbox's).
+    via: Connector,
 }
+
+impl PartialEq for Upstreams {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.servers, self.timeout, self.attempts)
+            == (&other.servers, other.timeout, other.attempts)
+    }
+}
+
+impl Eq for Upstreams {}
 
 /// Why the upstream list could not be read. The operator's doing: exit with EX_USAGE.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +114,15 @@ impl Upstreams {
             servers,
             timeout: DEFAULT_TIMEOUT,
             attempts: DEFAULT_ATTEMPTS,
+            via: Connector::Here,
         }
+    }
+
+    /// Forwards through sockets made by `via` (for a sandbox in its own namespace, that
+    /// namespace, where its resolvers are reachable).
+    pub fn via(mut self, via: Connector) -> Self {
+        self.via = via;
+        self
     }
 
     /// Per-attempt timeout, unclamped (tests use a few hundred milliseconds).
@@ -245,7 +264,7 @@ impl Upstreams {
             IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        let socket = UdpSocket::bind(local).await.map_err(io_err)?;
+        let socket = self.via.udp(local).await.map_err(io_err)?;
         socket.connect(server).await.map_err(io_err)?;
         let id: u16 = rand::random();
         socket.send(&with_id(query, id)).await.map_err(io_err)?;
@@ -283,7 +302,7 @@ impl Upstreams {
         })?;
         let id: u16 = rand::random();
         let exchange = async {
-            let mut stream = TcpStream::connect(server).await?;
+            let mut stream = self.via.tcp(server).await?;
             let mut framed = Vec::with_capacity(query.len() + 2);
             framed.extend_from_slice(&len.to_be_bytes());
             framed.extend_from_slice(&with_id(query, id));
@@ -406,7 +425,7 @@ mod tests {
     };
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
+        net::{TcpListener, UdpSocket},
     };
 
     use super::*;

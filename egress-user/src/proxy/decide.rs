@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use crate::audit::Decision;
 use crate::policy::file::{
     is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy, DOH_RULE,
 };
@@ -11,7 +12,7 @@ use crate::policy::file::{
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verdict<'p> {
     /// allow, deny or warn (warn = would have been denied, let through).
-    pub decision: &'static str,
+    pub decision: Decision,
     pub rule: String,
     pub reason: Option<String>,
     /// Machine-readable reason for `X-Egress-Denied`.
@@ -22,7 +23,7 @@ pub struct Verdict<'p> {
 
 impl Verdict<'_> {
     pub fn denied(&self) -> bool {
-        self.decision == "deny"
+        self.decision == Decision::Deny
     }
 }
 
@@ -114,21 +115,21 @@ pub fn request<'p>(
     };
     match refusal {
         None => Verdict {
-            decision: "allow",
+            decision: Decision::Allow,
             rule,
             reason: None,
             code: "",
             host_rule,
         },
         Some(r) if p.mode == Mode::Warn => Verdict {
-            decision: "warn",
+            decision: Decision::Warn,
             rule: r.rule,
             reason: Some(r.reason),
             code: r.code,
             host_rule,
         },
         Some(r) => Verdict {
-            decision: "deny",
+            decision: Decision::Deny,
             rule: r.rule,
             reason: Some(r.reason),
             code: r.code,
@@ -280,7 +281,7 @@ mod tests {
             },
             &|_| resolved,
         );
-        (v.decision, v.code)
+        (v.decision.as_str(), v.code)
     }
 
     #[test]
@@ -370,7 +371,7 @@ mod tests {
             },
             &|_| true,
         );
-        assert_eq!((v.decision, v.code), ("deny", "doh"));
+        assert_eq!((v.decision, v.code), (Decision::Deny, "doh"));
         assert_eq!(judge(&p, "example.org", &none, true), ("allow", ""));
     }
 }

@@ -26,30 +26,29 @@ use super::{
     decide,
     metered::{Counted, Reported},
     upstream::{Body, BoxError, PoolKey},
-    ConnMeta, Ctx,
+    Conn,
 };
 use crate::{
-    audit::{self, Record, RequestRecord},
+    audit::{self, Decision, Record, RequestRecord},
     policy::normalize_host,
     secrets,
 };
 
 /// Per client connection: who it is and how it arrived.
-#[derive(Debug)]
 pub struct ConnInfo {
-    pub meta: ConnMeta,
+    pub conn: Conn,
     /// SNI the client sent, when it arrived over TLS.
     pub sni: Option<String>,
     pub tls: bool,
 }
 
-pub async fn serve<I>(io: I, ctx: Arc<Ctx>, conn: Arc<ConnInfo>)
+pub async fn serve<I>(io: I, conn: Arc<ConnInfo>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| {
-        let (ctx, conn) = (ctx.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(handle(req, &ctx, &conn).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
     });
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -140,7 +139,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 /// How one request ended, for its log and audit lines.
 struct Outcome {
-    decision: &'static str,
+    decision: Decision,
     rule: String,
     reason: Option<String>,
     error: Option<String>,
@@ -149,7 +148,7 @@ struct Outcome {
 impl Outcome {
     fn deny(reason: &str) -> Self {
         Outcome {
-            decision: "deny",
+            decision: Decision::Deny,
             rule: String::new(),
             reason: Some(reason.to_owned()),
             error: None,
@@ -157,9 +156,10 @@ impl Outcome {
     }
 }
 
-async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
     let start = Instant::now();
-    let meta = &conn.meta;
+    let (shared, sb) = (&conn.conn.shared, &conn.conn.sandbox);
+    let meta = &conn.conn.meta;
     let orig_ip = meta.orig_dst.0.ip().to_string();
     let raw_host = req
         .uri()
@@ -182,7 +182,7 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         .to_owned();
     let record = RequestRecord {
         ts: audit::now(),
-        sandbox: ctx.sandbox_name(meta.sandbox),
+        sandbox: sb.name.clone(),
         pid: meta.pid,
         comm: meta.comm.clone(),
         client: meta.client.to_string(),
@@ -190,7 +190,7 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         sni: conn.sni.clone(),
         host: host.clone(),
         method: req.method().to_string(),
-        path: audit::redact_path(&path_and_query, ctx.audit_query),
+        path: audit::redact_path(&path_and_query, shared.audit_query),
         tls: if conn.tls { "mitm" } else { "plain" },
         ..Default::default()
     };
@@ -206,7 +206,7 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         rec.reason = out.reason;
         rec.error = out.error;
         debug!(
-            sandbox = meta.sandbox,
+            sandbox = %sb.name,
             pid = meta.pid,
             comm = %meta.comm,
             client = %meta.client,
@@ -216,14 +216,14 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             method = %rec.method,
             path = %rec.path,
             status = rec.status,
-            decision = rec.decision,
+            decision = %rec.decision,
             rule = %rec.rule,
             tls = rec.tls,
             duration_ms = start.elapsed().as_millis() as u64,
             error = rec.error.as_deref().or(rec.reason.as_deref()).unwrap_or(""),
             "request"
         );
-        let (audit, up) = (ctx.audit.clone(), bytes_up.clone());
+        let (shared, sb, up) = (shared.clone(), sb.clone(), bytes_up.clone());
         resp.map(move |body| {
             Reported::new(
                 body,
@@ -234,14 +234,15 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
                     if !complete && rec.error.is_none() {
                         rec.error = Some("response body cut off".into());
                     }
-                    audit.record(&Record::Request(rec));
+                    sb.counters.requests.add(rec.decision);
+                    shared.audit.record(&Record::Request(rec));
                 }),
             )
             .boxed()
         })
     };
 
-    let live = ctx.policy.load_full();
+    let live = sb.policy.load_full();
     let dst = meta.orig_dst.0.ip();
     let verdict = decide::request(
         &live.sandbox,
@@ -253,7 +254,7 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             headers: req.headers(),
             dst,
         },
-        &|name| ctx.pins.resolves_to(meta.sandbox, name, dst),
+        &|name| sb.pins.resolves_to(sb.id, name, dst),
     );
     if verdict.denied() {
         let reason = verdict.reason.clone().unwrap_or_default();
@@ -263,7 +264,7 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
             &host
         };
         let out = Outcome {
-            decision: "deny",
+            decision: Decision::Deny,
             rule: verdict.rule,
             reason: Some(reason.clone()),
             error: None,
@@ -336,9 +337,9 @@ async fn handle(mut req: Request<Incoming>, ctx: &Ctx, conn: &ConnInfo) -> Respo
         }
     });
     let sent = if upgrade {
-        ctx.pool.send_upgrade(&key, req).await
+        sb.pool.send_upgrade(&key, req).await
     } else {
-        ctx.pool.send(&key, req).await
+        sb.pool.send(&key, req).await
     };
     let mut resp = match sent {
         Ok(r) => r,

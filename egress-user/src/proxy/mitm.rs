@@ -10,23 +10,18 @@ use super::{
     http::{self, ConnInfo},
     prefixed::Prefixed,
     sniff::ClientHelloInfo,
-    ConnMeta, Ctx,
+    Conn,
 };
 use crate::tls::mint::{server_config, LeafId};
 
-pub async fn intercept(
-    stream: Prefixed<TcpStream>,
-    ctx: Arc<Ctx>,
-    meta: ConnMeta,
-    hello: ClientHelloInfo,
-) {
+pub async fn intercept(stream: Prefixed<TcpStream>, conn: Conn, hello: ClientHelloInfo) {
     let id = match &hello.sni {
         Some(sni) => LeafId::from_host(sni),
-        None => LeafId::from(meta.orig_dst.0.ip()),
+        None => LeafId::from(conn.meta.orig_dst.0.ip()),
     };
     // A minting failure aborts this handshake only; it is logged and counted, never a panic
     // and never a fallback to some other certificate.
-    let cert = match ctx.leaves.get(&id) {
+    let cert = match conn.shared.leaves.get(&id) {
         Ok(c) => c,
         Err(e) => {
             warn!(leaf = %id, error = %crate::error_chain(&e), "certificate minting failed; handshake aborted");
@@ -45,10 +40,10 @@ pub async fn intercept(
             return;
         }
     };
-    let conn = ConnInfo {
-        meta,
+    let info = ConnInfo {
+        conn,
         sni: hello.sni,
         tls: true,
     };
-    http::serve(tls, ctx, Arc::new(conn)).await;
+    http::serve(tls, Arc::new(info)).await;
 }

@@ -4,18 +4,13 @@
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{prefixed::Prefixed, upstream, ConnMeta, Ctx};
-use crate::audit::ConnectionRecord;
+use super::{prefixed::Prefixed, Conn};
+use crate::audit::{ConnectionRecord, Decision};
 
-pub async fn splice(
-    mut client: Prefixed<TcpStream>,
-    meta: &ConnMeta,
-    sni: &str,
-    rule: &str,
-    ctx: &Ctx,
-) {
+pub async fn splice(mut client: Prefixed<TcpStream>, conn: &Conn, sni: &str, rule: &str) {
     let start = std::time::Instant::now();
-    let mut up = match upstream::connect_tcp(meta.orig_dst.0).await {
+    let meta = &conn.meta;
+    let mut up = match conn.sandbox.pool.connect_tcp(meta.orig_dst.0).await {
         Ok(s) => s,
         Err(e) => {
             let error = crate::error_chain(&e);
@@ -25,14 +20,14 @@ pub async fn splice(
             );
             let rec = ConnectionRecord {
                 sni: Some(sni.to_owned()),
-                decision: "passthrough",
+                decision: Decision::Passthrough,
                 rule: rule.to_owned(),
                 tls: "passthrough",
                 duration_ms: start.elapsed().as_millis() as u64,
                 error: Some(error),
                 ..Default::default()
             };
-            ctx.audit_connection(meta, rec);
+            conn.audit_connection(rec);
             return;
         }
     };
@@ -42,7 +37,7 @@ pub async fn splice(
         Err(e) => (0, 0, e.to_string()),
     };
     info!(
-        sandbox = meta.sandbox,
+        sandbox = %conn.sandbox.name,
         pid = meta.pid,
         comm = %meta.comm,
         client = %meta.client,
@@ -59,7 +54,7 @@ pub async fn splice(
     );
     let rec = ConnectionRecord {
         sni: Some(sni.to_owned()),
-        decision: "passthrough",
+        decision: Decision::Passthrough,
         rule: rule.to_owned(),
         tls: "passthrough",
         bytes_up,
@@ -68,5 +63,5 @@ pub async fn splice(
         error: (!error.is_empty()).then_some(error),
         ..Default::default()
     };
-    ctx.audit_connection(meta, rec);
+    conn.audit_connection(rec);
 }

@@ -4,12 +4,7 @@
 //! there is no insecure fallback. HTTP/2 or HTTP/1.1 is whatever the upstream picks by ALPN,
 //! independently of the client side. Connections are pooled per (original destination, SNI).
 
-use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -21,6 +16,8 @@ use hyper::{
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+
+use crate::{netns::Connector, state::UpstreamTls};
 
 /// Body errors: hyper's own, or a secrets violation found while streaming.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -92,8 +89,8 @@ impl Error {
     }
 }
 
-pub async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream, Error> {
-    let s = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+async fn connect_tcp(via: &Connector, dst: SocketAddr) -> Result<TcpStream, Error> {
+    let s = match tokio::time::timeout(CONNECT_TIMEOUT, via.tcp(dst)).await {
         Err(_) => return Err(Error::ConnectTimeout { dst }),
         Ok(Err(source)) => return Err(Error::Connect { dst, source }),
         Ok(Ok(s)) => s,
@@ -116,10 +113,12 @@ enum Entry {
     H1(Vec<http1::SendRequest<Body>>),
 }
 
-/// The upstream connection pool.
+/// The upstream connection pool of one sandbox.
 pub struct Pool {
     tls: tokio_rustls::TlsConnector,
     tls_h1_only: tokio_rustls::TlsConnector,
+    /// Where upstream sockets are made (egress's namespace or the sandbox's).
+    via: Connector,
     entries: Mutex<HashMap<PoolKey, Entry>>,
 }
 
@@ -129,14 +128,19 @@ enum Sender {
 }
 
 impl Pool {
-    /// `tls` must offer ALPN `h2` and `http/1.1`; `tls_h1_only` only `http/1.1` (for upgrades,
-    /// which need an HTTP/1.1 connection of their own).
-    pub fn new(tls: Arc<rustls::ClientConfig>, tls_h1_only: Arc<rustls::ClientConfig>) -> Self {
+    /// Upstream sockets are made through `via`.
+    pub fn new(tls: &UpstreamTls, via: Connector) -> Self {
         Self {
-            tls: tls.into(),
-            tls_h1_only: tls_h1_only.into(),
+            tls: tls.any.clone().into(),
+            tls_h1_only: tls.h1_only.clone().into(),
+            via,
             entries: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A plain TCP connection to `dst` (passthrough), made where this pool's are.
+    pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
+        connect_tcp(&self.via, dst).await
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<Sender> {
@@ -227,7 +231,7 @@ impl Pool {
 
     async fn connect(&self, key: &PoolKey, h1_only: bool) -> Result<Sender, Error> {
         let dst = key.dst;
-        let tcp = connect_tcp(dst).await?;
+        let tcp = connect_tcp(&self.via, dst).await?;
         let Some(name) = &key.tls_name else {
             return h1(TokioIo::new(tcp), dst, h1_only).await;
         };
