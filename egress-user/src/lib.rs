@@ -14,6 +14,7 @@ pub mod dns;
 pub mod events;
 pub mod gc;
 pub mod netns;
+pub mod pattern;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

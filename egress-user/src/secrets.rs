@@ -37,7 +37,7 @@ use http::{
     HeaderName, HeaderValue, Uri,
 };
 
-use crate::policy::HostPattern;
+use crate::pattern::HostPattern;
 
 pub use body::{BoxError, ScanBody, ViolationError};
 

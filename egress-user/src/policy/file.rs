@@ -26,7 +26,7 @@ use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{normalize_host, HostPattern, IpNet, TcpAllow};
+use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
 
 /// Why a policy file could not be loaded. Both variants are the operator's doing; the
 /// binary exits with EX_USAGE.
