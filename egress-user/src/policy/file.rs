@@ -26,7 +26,10 @@ use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
+use crate::{
+    pattern::{normalize_host, HostPattern, IpNet, TcpAllow},
+    secrets::check_placeholder,
+};
 
 /// Why a policy file could not be loaded. Both variants are the operator's doing; the
 /// binary exits with EX_USAGE.
@@ -862,7 +865,7 @@ impl Source<'_> {
     ) -> Result<SecretSpec, PolicyError> {
         let key = child(key, placeholder.get_ref());
         check_placeholder(placeholder.get_ref())
-            .map_err(|m| self.at(&placeholder, key.clone(), m))?;
+            .map_err(|e| self.at(&placeholder, key.clone(), e.to_string()))?;
         let span = raw.span();
         let raw = raw.into_inner();
         let source = match (raw.env, raw.file) {
@@ -992,14 +995,6 @@ fn check_name(name: &str) -> Result<(), String> {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     ok.then_some(())
         .ok_or_else(|| format!("{name:?} is not a sandbox name: 1 to 64 of a-z, 0-9, `_` and `-`"))
-}
-
-fn check_placeholder(p: &str) -> Result<(), String> {
-    let ok =
-        (8..=128).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    ok.then_some(()).ok_or_else(|| {
-        format!("{p:?} is not a placeholder: 8 to 128 of A-Z, a-z, 0-9 and `_`, e.g. EGRESS_SECRET_OPENAI")
-    })
 }
 
 fn parse_net(s: &str) -> Result<IpNet, String> {
