@@ -997,13 +997,12 @@ fn check_name(name: &str) -> Result<(), String> {
         .ok_or_else(|| format!("{name:?} is not a sandbox name: 1 to 64 of a-z, 0-9, `_` and `-`"))
 }
 
+/// [`IpNet`]'s own parsing, with examples that fit a list of networks (its error, shared
+/// with `--private-ok`, offers host patterns).
 fn parse_net(s: &str) -> Result<IpNet, String> {
-    match s.parse::<HostPattern>() {
-        Ok(HostPattern::Net(n)) => Ok(n),
-        _ => Err(format!(
-            "{s:?} is not an IP address or CIDR; examples: 10.0.0.0/8, 192.0.2.7, fd00::/8"
-        )),
-    }
+    s.parse::<IpNet>().map_err(|_| {
+        format!("{s:?} is not an IP address or CIDR; examples: 10.0.0.0/8, 192.0.2.7, fd00::/8")
+    })
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
