@@ -7,8 +7,10 @@
 //! and are re-exported here.
 
 pub mod file;
+mod glob;
 
 pub use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
+pub use glob::PathGlob;
 
 /// Policy flags of `egress run`, applied on top of the policy file (or alone).
 #[derive(Clone, Debug, Default)]
