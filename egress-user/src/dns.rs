@@ -37,7 +37,7 @@ use crate::{
     audit::{DnsRecord, Record},
     bpf::{DnsPeerTable, OrigDstTable},
     netns,
-    policy::file::{HostDecision, Mode},
+    policy::{HostDecision, Mode},
     proxy::Ctx,
 };
 

@@ -8,9 +8,14 @@
 
 pub mod file;
 mod glob;
+mod model;
 
 pub use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
+pub use file::{
+    is_doh_resolver, is_guarded_address, HostDecision, RequestDecision, DOH_RESOLVERS, DOH_RULE,
+};
 pub use glob::PathGlob;
+pub use model::{Guards, HostRule, Mode, PolicyFile, SandboxPolicy, SecretSource, SecretSpec};
 
 /// Policy flags of `egress run`, applied on top of the policy file (or alone).
 #[derive(Clone, Debug, Default)]
@@ -31,7 +36,7 @@ pub struct PolicyFlags {
 /// Immutable; a reload builds a new one and swaps it in.
 #[derive(Debug)]
 pub struct LivePolicy {
-    pub sandbox: file::SandboxPolicy,
+    pub sandbox: SandboxPolicy,
     pub secrets: crate::secrets::Secrets,
 }
 
@@ -66,10 +71,10 @@ pub fn compile(
     flags: &PolicyFlags,
 ) -> Result<LivePolicy, CompileError> {
     let mut sandbox = match path {
-        None => file::SandboxPolicy {
+        None => SandboxPolicy {
             name: name.unwrap_or("run").to_owned(),
-            mode: file::Mode::Enforce,
-            guards: file::Guards::default(),
+            mode: Mode::Enforce,
+            guards: Guards::default(),
             allow: vec![],
             deny: vec![],
             passthrough: vec![],
@@ -110,7 +115,7 @@ pub fn compile(
     sandbox.tcp.extend(flags.tcp.iter().copied());
     sandbox.private_ok.extend(flags.private_ok.iter().copied());
     if flags.warn {
-        sandbox.mode = file::Mode::Warn;
+        sandbox.mode = Mode::Warn;
     }
     if flags.no_private_guard {
         sandbox.guards.private_ranges = false;
@@ -131,8 +136,8 @@ pub fn compile(
             source,
         };
         let value = match &spec.source {
-            file::SecretSource::Env(var) => crate::secrets::SecretValue::from_env(var),
-            file::SecretSource::File(p) => crate::secrets::SecretValue::from_file(p),
+            SecretSource::Env(var) => crate::secrets::SecretValue::from_env(var),
+            SecretSource::File(p) => crate::secrets::SecretValue::from_file(p),
         }
         .map_err(err)?;
         secrets.push(

@@ -32,7 +32,7 @@ use crate::{
     audit::{Audit, ConnectionRecord, Record},
     bpf::OrigDstTable,
     netns,
-    policy::{file::HostDecision, LivePolicy},
+    policy::{HostDecision, LivePolicy},
     tls::mint::LeafCache,
 };
 
