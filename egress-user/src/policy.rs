@@ -6,12 +6,13 @@
 //! The host, network and TCP patterns policies are written in live in [`crate::pattern`]
 //! and are re-exported here.
 
+mod eval;
 pub mod file;
 mod glob;
 mod model;
 
 pub use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
-pub use file::{
+pub use eval::{
     is_doh_resolver, is_guarded_address, HostDecision, RequestDecision, DOH_RESOLVERS, DOH_RULE,
 };
 pub use glob::PathGlob;

@@ -1,5 +1,6 @@
 //! The compiled policy of one sandbox: plain values, checked when they were built (by
-//! [`super::file`] from a policy file, or by [`super::compile`] from flags alone).
+//! [`super::file`] from a policy file, or by [`super::compile`] from flags alone). How
+//! they decide a host or a request is in [`super::eval`].
 
 use std::{collections::BTreeMap, path::PathBuf};
 
