@@ -1,10 +1,17 @@
 //! What a sandbox may reach, compiled once into an immutable [`LivePolicy`]: the policy
-//! file ([`file`]) merged with the flags of `egress run` ([`PolicyFlags`]), plus the
-//! secrets it declares, loaded. The data path only reads a `LivePolicy`; a reload builds a
-//! new one and swaps it in.
+//! file merged with the flags of `egress run` ([`PolicyFlags`]), plus the secrets it
+//! declares, loaded. The data path only reads a `LivePolicy`; a reload builds a new one and
+//! swaps it in.
 //!
-//! The host, network and TCP patterns policies are written in live in [`crate::pattern`]
-//! and are re-exported here.
+//! - [`file`](mod@file): the TOML policy file, with errors located as
+//!   `FILE:LINE:COL: key: message`.
+//! - `model`: one sandbox's compiled policy ([`SandboxPolicy`], [`HostRule`], [`Guards`]).
+//! - `eval`: how that policy decides a host or a request ([`HostDecision`],
+//!   [`RequestDecision`]), and the private-address and DoH guards.
+//! - `glob`: the path globs of host rules ([`PathGlob`]).
+//!
+//! The items of the private modules are re-exported here, as are the host, network and
+//! TCP patterns from [`crate::pattern`] that policies are written in.
 
 mod eval;
 pub mod file;

@@ -1,5 +1,5 @@
 //! The policy file: a TOML document naming each sandbox and what it may reach, read and
-//! compiled once into an immutable [`PolicyFile`] (the types are in [`super::model`]).
+//! compiled once into an immutable [`PolicyFile`] (the types are in `policy/model.rs`).
 //!
 //! Parsing happens in two steps. Serde fills private `Raw*` structs whose values are all
 //! [`toml::Spanned`], so that a value found wrong only later (a bad host pattern, a bad
