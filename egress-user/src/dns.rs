@@ -32,7 +32,7 @@ use crate::{
     addr::{self, ClientAddr, ListenAddr},
     audit::{Decision, DnsRecord, Record},
     netns,
-    policy::file::{HostDecision, Mode},
+    policy::{HostDecision, Mode},
     records,
     state::{ListenStats, SandboxState, Shared},
 };

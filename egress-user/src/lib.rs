@@ -18,6 +18,7 @@ pub mod events;
 pub mod gc;
 pub mod listen;
 pub mod netns;
+pub mod pattern;
 pub mod policy;
 pub mod proxy;
 pub mod records;

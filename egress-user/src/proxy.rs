@@ -33,7 +33,7 @@ use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
     audit::{ConnectionRecord, Decision, Record},
     netns,
-    policy::file::HostDecision,
+    policy::HostDecision,
     state::{ListenStats, SandboxState, Shared},
 };
 

@@ -37,7 +37,7 @@ use http::{
     HeaderName, HeaderValue, Uri,
 };
 
-use crate::policy::HostPattern;
+use crate::pattern::HostPattern;
 
 pub use body::{BoxError, ScanBody, ViolationError};
 
@@ -54,7 +54,15 @@ pub const MAX_VALUE_LEN: usize = 16 * 1024;
 /// Shortest accepted placeholder, so that a placeholder does not show up by chance.
 pub const MIN_PLACEHOLDER_LEN: usize = 8;
 
-const MAX_PLACEHOLDER_LEN: usize = 256;
+/// Longest accepted placeholder.
+pub const MAX_PLACEHOLDER_LEN: usize = 128;
+
+/// A placeholder that [`check_placeholder`] refuses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{placeholder:?} is not a placeholder: {MIN_PLACEHOLDER_LEN} to {MAX_PLACEHOLDER_LEN} of A-Z, a-z, 0-9 and `_`, e.g. EGRESS_SECRET_OPENAI")]
+pub struct PlaceholderError {
+    pub placeholder: String,
+}
 
 /// Why a secret could not be loaded or the secret set could not be compiled. These are
 /// configuration errors; none of them carries a value.
@@ -74,11 +82,8 @@ pub enum SecretError {
     TooShort { origin: String },
     #[error("secret from {origin} is longer than {MAX_VALUE_LEN} bytes")]
     TooLong { origin: String },
-    #[error("placeholder {placeholder:?} is not usable: {why}")]
-    BadPlaceholder {
-        placeholder: String,
-        why: &'static str,
-    },
+    #[error(transparent)]
+    BadPlaceholder(#[from] PlaceholderError),
     #[error("placeholder {placeholder} is defined more than once")]
     DuplicatePlaceholder { placeholder: String },
     #[error("cannot compile the secret matcher")]
@@ -160,8 +165,7 @@ pub struct Secret {
 }
 
 impl Secret {
-    /// The placeholder must be [`MIN_PLACEHOLDER_LEN`]..=256 visible ASCII characters, so
-    /// it fits in a header value and a URI unchanged.
+    /// The placeholder must pass [`check_placeholder`].
     pub fn new(
         placeholder: impl Into<String>,
         value: SecretValue,
@@ -182,23 +186,17 @@ impl Secret {
     }
 }
 
-fn check_placeholder(p: &str) -> Result<(), SecretError> {
-    let why = if p.len() < MIN_PLACEHOLDER_LEN {
-        Some("shorter than 8 characters")
-    } else if p.len() > MAX_PLACEHOLDER_LEN {
-        Some("longer than 256 characters")
-    } else if !p.bytes().all(|b| b.is_ascii_graphic()) {
-        Some("only visible ASCII characters are allowed, no spaces")
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(SecretError::BadPlaceholder {
-            placeholder: p.to_owned(),
-            why,
-        }),
-        None => Ok(()),
-    }
+/// The one rule for placeholders, in the policy file and here: [`MIN_PLACEHOLDER_LEN`] to
+/// [`MAX_PLACEHOLDER_LEN`] ASCII letters, digits and `_`. Those are unreserved in a URI and
+/// plain in a header, so a client sends a placeholder byte for byte whether or not it
+/// percent-encodes, and the matcher finds it. A `%`, `+`, `/` or `#` could be encoded,
+/// decoded or cut off on the way, and the placeholder would then pass unseen.
+pub fn check_placeholder(p: &str) -> Result<(), PlaceholderError> {
+    let ok = (MIN_PLACEHOLDER_LEN..=MAX_PLACEHOLDER_LEN).contains(&p.len())
+        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    ok.then_some(()).ok_or_else(|| PlaceholderError {
+        placeholder: p.to_owned(),
+    })
 }
 
 /// The shape in which a secret was seen where it is not allowed.
@@ -1104,6 +1102,35 @@ mod tests {
             Secrets::new(vec![s.clone(), s]),
             Err(SecretError::DuplicatePlaceholder { .. })
         ));
+    }
+
+    #[test]
+    fn placeholders_are_letters_digits_and_underscores() {
+        // Visible ASCII up to 256 characters used to pass here while the policy file refused
+        // it; both now apply the file's rule.
+        let v = || SecretValue::new(OPENAI_VALUE).expect("value ok");
+        let long = "X".repeat(MAX_PLACEHOLDER_LEN + 1);
+        for bad in [
+            "EGRESS-SECRET-X",
+            "EGRESS_SECRET_%41",
+            "EGRESS+SECRET/X",
+            "EGRESS_SECRET#X",
+            &long,
+        ] {
+            match Secret::new(bad, v(), vec![]) {
+                Err(SecretError::BadPlaceholder(e)) => assert_eq!(
+                    e.to_string(),
+                    format!("{bad:?} is not a placeholder: 8 to 128 of A-Z, a-z, 0-9 and `_`, e.g. EGRESS_SECRET_OPENAI")
+                ),
+                other => panic!("{bad:?} should be refused as a placeholder, got {other:?}"),
+            }
+        }
+        let longest = "X".repeat(MAX_PLACEHOLDER_LEN);
+        for good in ["EGRESS_1", "egress_secret_x9", &longest] {
+            if let Err(e) = Secret::new(good, v(), vec![]) {
+                panic!("{good:?} should be a placeholder: {e}");
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::audit::Decision;
-use crate::policy::file::{
+use crate::policy::{
     is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy, DOH_RULE,
 };
 
