@@ -1,0 +1,450 @@
+//! The data path in-process, without root: accept → kernel record → sniff → MITM → policy →
+//! secrets → upstream → audit, with the kernel's tables replaced by [`MemRecords`].
+//!
+//! Each test builds the shared state, registers one or two sandboxes in the registry, binds
+//! real listeners on loopback and drives real TLS clients through them to an HTTPS origin
+//! with a CA of its own. The kernel's part (rewriting the connect and recording where it
+//! was going) is played by inserting the record the kernel would have written before the
+//! client connects. The privileged end-to-end tests prove the kernel's part.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use egress_tests::origin::{tls_client_config, Origin, TestCa};
+use egress_user::{
+    audit::{Audit, AuditWriter, Sink},
+    listen::{Listeners, Ports, Sockets},
+    netns::Connector,
+    policy::{self, PolicyFlags},
+    proxy::upstream::Pool,
+    records::{sock_record, MemRecords},
+    state::{Registry, SandboxState, Shared, UpstreamTls},
+    tls,
+};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::TcpSocket;
+
+const SECRET: &str = "sk-real-value-0123456789";
+const PLACEHOLDER: &str = "EGRESS_SECRET_TOKEN";
+
+/// Two sandboxes' policies: `a` may reach a.test (and s.test with the secret, p.test spliced),
+/// `b` only b.test. Both may reach loopback, where the origin lives.
+fn policy_file(dir: &Path) -> PathBuf {
+    let secret = dir.join("token");
+    std::fs::write(&secret, SECRET).unwrap();
+    let p = dir.join("policy.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[defaults]
+private_ok = ["127.0.0.0/8"]
+
+[sandbox.agent-a]
+allow = ["a.test", "s.test", "t.test"]
+passthrough = ["p.test"]
+
+[sandbox.agent-a.secrets.{PLACEHOLDER}]
+file = "{}"
+hosts = ["s.test"]
+
+[sandbox.agent-b]
+allow = ["b.test"]
+"#,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// Everything one test needs: the shared state, the listeners, the origin and its CA.
+struct Harness {
+    shared: Arc<Shared>,
+    records: Arc<MemRecords>,
+    listeners: Arc<Listeners>,
+    writer: Option<AuditWriter>,
+    audit_path: PathBuf,
+    origin: Origin,
+    origin_ca: TestCa,
+    egress_ca_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The sandboxes every harness registers: (kernel id, name in the policy file).
+const SANDBOXES: [(u32, &str); 2] = [(7, "agent-a"), (9, "agent-b")];
+
+impl Harness {
+    async fn start() -> Harness {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let origin_ca = TestCa::new("datapath origin CA");
+        let origin_ca_path = dir.path().join("origin-ca.pem");
+        origin_ca.write_pem(&origin_ca_path);
+        let origin = Origin::start(
+            "127.0.0.1:0",
+            Some(origin_ca.leaf(&["a.test", "b.test", "s.test", "t.test", "p.test"])),
+        );
+        let ca = Arc::new(
+            tls::ca::CertificateAuthority::load_or_create(&dir.path().join("conf")).unwrap(),
+        );
+        let egress_ca_pem = ca.cert_pem().to_owned();
+        let leaves = Arc::new(tls::mint::LeafCache::new(ca, 64).unwrap());
+        let upstream = tls::upstream::client_config(
+            None,
+            &[origin_ca_path],
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        )
+        .unwrap();
+        let audit_path = dir.path().join("audit.jsonl");
+        let (audit, writer) = Audit::open(Sink::File {
+            path: audit_path.clone(),
+            max_bytes: 1 << 30,
+            keep: 1,
+        })
+        .unwrap();
+        let records = Arc::new(MemRecords::default());
+        let shared = Arc::new(Shared {
+            registry: Registry::default(),
+            audit,
+            leaves,
+            records: records.clone(),
+            upstream_tls: UpstreamTls::new(upstream),
+            audit_query: false,
+        });
+        let file = policy_file(dir.path());
+        for (id, name) in SANDBOXES {
+            let live = policy::compile(Some(&file), Some(name), &PolicyFlags::default()).unwrap();
+            let pool = Pool::new(&shared.upstream_tls, Connector::Here);
+            let resolvers = egress_user::dns::upstream::Upstreams::new(vec![]);
+            let sb = SandboxState::new(id, name.to_owned(), live, pool, resolvers);
+            shared.registry.insert(Arc::new(sb)).unwrap();
+        }
+        let sockets = Sockets::bind(Ports::Ephemeral).unwrap();
+        let listeners = Listeners::serve(sockets, &shared, None).unwrap();
+        Harness {
+            shared,
+            records,
+            listeners,
+            writer: Some(writer),
+            audit_path,
+            origin,
+            origin_ca,
+            egress_ca_pem,
+            _dir: dir,
+        }
+    }
+
+    fn listen(&self) -> SocketAddr {
+        self.listeners.addrs.proxy4.into()
+    }
+
+    /// A TCP connection to the proxy listener that the "kernel" recorded as sandbox `id`'s
+    /// connect to the origin, or unrecorded with `id == None`.
+    async fn connect(&self, id: Option<u32>) -> tokio::net::TcpStream {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = sock.local_addr().unwrap();
+        if let Some(id) = id {
+            let netns = egress_user::netns::socket_netns_cookie(&sock).unwrap();
+            let rec = sock_record(id, self.origin.addr(), 4242, "agent-tool");
+            self.records.insert_conn(netns, client, self.listen(), rec);
+        }
+        sock.connect(self.listen()).await.unwrap()
+    }
+
+    /// One HTTPS request from sandbox `id` for `https://{sni}{path}` through the proxy, over
+    /// HTTP/2 or HTTP/1.1, with optional extra headers. Returns status and body.
+    async fn https(
+        &self,
+        id: u32,
+        sni: &str,
+        path: &str,
+        h2: bool,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String) {
+        let tcp = self.connect(Some(id)).await;
+        let mut cfg = (*tls_client_config(&self.egress_ca_pem)).clone();
+        cfg.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(sni.to_owned().try_into().unwrap(), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("TLS to the proxy as {sni}: {e}"));
+        let mut req = Request::get(format!("https://{sni}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if !h2 {
+            req = req.header("host", sni);
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
+        let io = TokioIo::new(tls);
+        let resp = if h2 {
+            let (mut s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            s.send_request(req).await.unwrap()
+        } else {
+            let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(c);
+            s.send_request(req).await.unwrap()
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Drains every sandbox's tasks and closes the audit; returns its records.
+    async fn finish(mut self) -> Vec<Value> {
+        for sb in self.shared.registry.all() {
+            sb.drain(Duration::from_secs(5)).await;
+        }
+        let writer = self.writer.take().unwrap();
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.audit.close(writer))
+            .await
+            .unwrap();
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn requests(audit: &[Value]) -> Vec<&Value> {
+    audit.iter().filter(|r| r["event"] == "request").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_is_judged_and_audited_by_its_own_sandbox() {
+    let h = Harness::start().await;
+    let (a_status, a_body) = h.https(7, "a.test", "/hello", false, &[]).await;
+    assert_eq!(a_status, StatusCode::OK, "{a_body}");
+    assert_eq!(a_body, "hello from a.test");
+    // The same host from the other sandbox: b's policy does not allow it.
+    let (b_status, b_body) = h.https(9, "a.test", "/hello", false, &[]).await;
+    assert_eq!(b_status, StatusCode::FORBIDDEN, "{b_body}");
+    assert!(b_body.contains("egress_denied"), "{b_body}");
+    // And b's own host works for b but not for a.
+    assert_eq!(
+        h.https(9, "b.test", "/hello", true, &[]).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.https(7, "b.test", "/hello", true, &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let counts: Vec<(u64, u64)> = SANDBOXES
+        .iter()
+        .map(|(id, _)| {
+            let c = &h.shared.registry.get(*id).unwrap().counters.requests;
+            (
+                c.get(egress_user::audit::Decision::Allow),
+                c.get(egress_user::audit::Decision::Deny),
+            )
+        })
+        .collect();
+    let audit = h.finish().await;
+    let got: Vec<(String, String, String, String)> = requests(&audit)
+        .iter()
+        .map(|r| {
+            (
+                r["sandbox"].as_str().unwrap().to_owned(),
+                r["host"].as_str().unwrap().to_owned(),
+                r["decision"].as_str().unwrap().to_owned(),
+                r["comm"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("agent-a", "a.test", "allow"),
+        ("agent-b", "a.test", "deny"),
+        ("agent-b", "b.test", "allow"),
+        ("agent-a", "b.test", "deny"),
+    ];
+    assert_eq!(got.len(), want.len(), "{audit:#?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((g.0.as_str(), g.1.as_str(), g.2.as_str()), w, "{audit:#?}");
+        assert_eq!(g.3, "agent-tool", "the comm comes from the kernel record");
+    }
+    assert_eq!(counts, vec![(1, 1), (1, 1)], "per-sandbox counters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_and_http2_reach_the_origin_with_the_right_sni() {
+    let h = Harness::start().await;
+    for h2 in [false, true] {
+        let (s, body) = h.https(7, "a.test", "/hello", h2, &[]).await;
+        assert_eq!((s, body.as_str()), (StatusCode::OK, "hello from a.test"));
+    }
+    let seen = h.origin.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert!(
+        seen.iter().all(|r| r.sni.as_deref() == Some("a.test")),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter().all(|r| r.path_and_query == "/hello"),
+        "{seen:#?}"
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_is_swapped_toward_its_host_and_refused_elsewhere() {
+    let h = Harness::start().await;
+    let auth = format!("Bearer {PLACEHOLDER}");
+    let (s, body) = h
+        .https(7, "s.test", "/hello", false, &[("authorization", &auth)])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    // Toward another allowed host the placeholder is refused, and never forwarded.
+    let (s, body) = h
+        .https(7, "t.test", "/hello", false, &[("authorization", &auth)])
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    // So is the real value.
+    let real = format!("Bearer {SECRET}");
+    let (s, _) = h
+        .https(7, "t.test", "/hello", true, &[("authorization", &real)])
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let seen = h.origin.requests();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the authorized request got through: {seen:#?}"
+    );
+    let got = seen[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        got.as_deref(),
+        Some(real.as_str()),
+        "the origin sees the real value"
+    );
+    let audit = h.finish().await;
+    let text = serde_json::to_string(&audit).unwrap();
+    assert!(
+        !text.contains(SECRET),
+        "the secret never reaches the audit log"
+    );
+    let reqs = requests(&audit);
+    assert_eq!(reqs.len(), 3);
+    assert_eq!(reqs[1]["decision"], "deny");
+    assert_eq!(reqs[2]["decision"], "deny");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_host_is_spliced_with_the_origins_certificate() {
+    let h = Harness::start().await;
+    let tcp = h.connect(Some(7)).await;
+    // Trusting only the origin's CA: the egress CA would not do, so this handshake proves
+    // the bytes were spliced to the origin, not intercepted.
+    let mut cfg = (*tls_client_config(&h.origin_ca.cert_pem())).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("p.test".try_into().unwrap(), tcp)
+        .await
+        .expect("TLS straight to the origin");
+    let (mut s, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(c);
+    let resp = s
+        .send_request(
+            Request::get("/hello")
+                .header("host", "p.test")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    drop(s);
+    let audit = h.finish().await;
+    let conns: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "connection")
+        .collect();
+    assert_eq!(conns.len(), 1, "{audit:#?}");
+    assert_eq!(conns[0]["decision"], "passthrough");
+    assert_eq!(conns[0]["sandbox"], "agent-a");
+    assert!(
+        requests(&audit).is_empty(),
+        "nothing was decrypted: {audit:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_kernel_record_is_closed_unserved() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start().await;
+    let mut tcp = h.connect(None).await;
+    let _ = tcp
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap_or(0);
+    assert_eq!(
+        n,
+        0,
+        "nothing is served: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    let stats = h.listeners.stats.clone();
+    assert_eq!(
+        stats.no_orig_dst.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(h.records.pending_conns(), 0);
+    assert!(h.origin.requests().is_empty());
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_naming_an_unregistered_sandbox_is_refused() {
+    let h = Harness::start().await;
+    let removed = h.shared.registry.remove(9).expect("b was registered");
+    removed.drain(Duration::from_secs(1)).await;
+    let tcp = h.connect(Some(9)).await;
+    let mut cfg = (*tls_client_config(&h.egress_ca_pem)).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let r = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("b.test".try_into().unwrap(), tcp)
+        .await;
+    assert!(r.is_err(), "a removed sandbox's connection is not served");
+    assert_eq!(
+        h.listeners
+            .stats
+            .unknown_sandbox
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        h.shared.registry.name(9),
+        "agent-b",
+        "its name is remembered"
+    );
+    h.finish().await;
+}
