@@ -325,7 +325,6 @@ pub struct RunConfig {
     pub audit: crate::audit::Sink,
     pub audit_query: bool,
     pub intercept_ports: Vec<u16>,
-    pub allow_tcp: Vec<TcpAllow>,
     pub isolate_net: bool,
     /// Empty: the nameservers of /etc/resolv.conf.
     pub dns_upstreams: Vec<std::net::SocketAddr>,
@@ -388,7 +387,7 @@ impl RunArgs {
                 allow: self.allow,
                 deny: self.deny,
                 passthrough: self.passthrough,
-                tcp: allow_tcp.clone(),
+                tcp: allow_tcp,
                 private_ok: self.private_ok,
                 warn: self.warn,
                 no_private_guard: self.no_guard.contains(&GuardName::PrivateRanges),
@@ -400,7 +399,6 @@ impl RunArgs {
             audit_query: self.audit.audit_query,
             tls: self.tls.validate(),
             intercept_ports,
-            allow_tcp,
             isolate_net: self.isolate_net,
             dns_upstreams: self.dns_upstreams,
             strict: self.strict,
@@ -527,7 +525,7 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(c.intercept_ports, vec![80, 443]);
-        assert!(c.allow_tcp.is_empty());
+        assert!(c.flags.tcp.is_empty());
         assert_eq!(c.user.name, "nobody");
     }
 
@@ -544,9 +542,10 @@ mod tests {
         ])
         .validate()
         .unwrap();
-        assert_eq!(c.allow_tcp.len(), 2);
+        assert_eq!(c.flags.tcp.len(), 2);
         assert!(c
-            .allow_tcp
+            .flags
+            .tcp
             .iter()
             .all(|a| a.port == 22 && a.net.prefix == 0));
     }

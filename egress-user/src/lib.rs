@@ -28,6 +28,10 @@ pub mod secrets;
 pub mod state;
 pub mod tls;
 
+/// A boxed error that can cross tasks: what HTTP bodies fail with (hyper's own errors, or a
+/// secret found while streaming).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// An error and its sources on one line: `outer: inner: root cause`.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();

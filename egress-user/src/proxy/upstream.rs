@@ -19,8 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::{netns::Connector, state::UpstreamTls};
 
-/// Body errors: hyper's own, or a secrets violation found while streaming.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::BoxError;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -16,7 +16,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use super::{splice, violation, Form, Hit, Plan, Violation};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::BoxError;
 
 /// What a [`ScanBody`] fails with when a forbidden pattern shows up. Find it in the error
 /// chain with `downcast_ref`, or read [`ScanBody::violation_handle`].
