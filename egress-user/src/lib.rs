@@ -17,6 +17,7 @@ pub mod dns;
 pub mod events;
 pub mod gc;
 pub mod listen;
+pub mod located;
 pub mod netns;
 pub mod pattern;
 pub mod policy;
