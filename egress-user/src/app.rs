@@ -109,10 +109,12 @@ const RUN_SANDBOX_NAME: &str = "run";
 /// cache, upstream TLS, the audit log and the reader of the kernel's refusals.
 pub struct Node {
     pub shared: Arc<Shared>,
-    pub kernel: Kernel,
-    audit_writer: Option<AuditWriter>,
-    events: Option<(tokio::sync::oneshot::Sender<()>, JoinHandle<()>)>,
+    pub kernel: Arc<Kernel>,
+    audit_writer: std::sync::Mutex<Option<AuditWriter>>,
+    events: std::sync::Mutex<Option<EventsTask>>,
 }
+
+type EventsTask = (tokio::sync::oneshot::Sender<()>, JoinHandle<()>);
 
 /// What a [`Node`] is built from.
 pub struct NodeConfig<'a> {
@@ -152,6 +154,7 @@ impl Node {
             records: Arc::new(records),
             upstream_tls: UpstreamTls::new(upstream),
             audit_query: cfg.audit_query,
+            metrics: Default::default(),
         });
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(log_exit(
@@ -160,23 +163,29 @@ impl Node {
         ));
         Ok(Node {
             shared,
-            kernel,
-            audit_writer: Some(audit_writer),
-            events: Some((stop, task)),
+            kernel: Arc::new(kernel),
+            audit_writer: std::sync::Mutex::new(Some(audit_writer)),
+            events: std::sync::Mutex::new(Some((stop, task))),
         })
     }
 
     /// Reads what is left in the kernel's ring buffer, then writes and fsyncs the audit
     /// log. Call once every sandbox is removed or released. Returns the audit records that
     /// could not be written.
-    pub async fn shutdown(mut self) -> u64 {
-        if let Some((stop, task)) = self.events.take() {
+    pub async fn shutdown(&self) -> u64 {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((stop, task)) = events {
             let _ = stop.send(());
             if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
                 warn!("kernel event reader did not finish draining");
             }
         }
-        let Some(writer) = self.audit_writer.take() else {
+        let writer = self
+            .audit_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(writer) = writer else {
             return 0;
         };
         let shared = self.shared.clone();
@@ -433,12 +442,16 @@ async fn log_exit(what: &'static str, f: impl std::future::Future<Output = std::
     }
 }
 
-/// `egress gc`.
-pub fn gc() -> Result<Vec<String>, Error> {
+/// `egress gc [--all]`.
+pub fn gc(all: bool) -> Result<Vec<String>, Error> {
     caps::require(caps::RUN_NEEDS)?;
     let cg_root = cgroup::find_cgroup2_mount(Path::new("/proc/self/mountinfo"))?;
     let bpffs = bpf::bpffs()?;
-    Ok(gc::collect(&cg_root, &bpffs))
+    let mut removed = gc::collect(&cg_root, &bpffs);
+    if all {
+        removed.extend(gc::collect_daemon(&bpffs));
+    }
+    Ok(removed)
 }
 
 fn load_ca(cfg: &TlsConfig) -> Result<tls::ca::CertificateAuthority, Error> {

@@ -248,11 +248,61 @@ struct Maps {
     counters: PerCpuArray<MapData, u64>,
 }
 
+impl Maps {
+    /// Deletes the port and allowance rows of sandbox `id`, except those `keep` wrote.
+    fn purge_rows(&mut self, id: u32, keep: Option<&Registration>) {
+        let ports: Vec<PortKey> = self
+            .ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.sandbox == id && keep.is_none_or(|r| !r.ports.contains(k)))
+            .collect();
+        for k in ports {
+            let _ = self.ports.remove(&k);
+        }
+        let be = id.to_be();
+        let allow4: Vec<Key<Allow4>> = self
+            .allow4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.data().sandbox == be
+                    && keep.is_none_or(|r| !r.allow4.iter().any(|w| same_key(w, k)))
+            })
+            .collect();
+        for k in allow4 {
+            let _ = self.allow4.remove(&k);
+        }
+        let allow6: Vec<Key<Allow6>> = self
+            .allow6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.data().sandbox == be
+                    && keep.is_none_or(|r| !r.allow6.iter().any(|w| same_key(w, k)))
+            })
+            .collect();
+        for k in allow6 {
+            let _ = self.allow6.remove(&k);
+        }
+    }
+}
+
+fn same_key<K: aya::Pod + PartialEq>(a: &Key<K>, b: &Key<K>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
 /// Loaded programs plus the control-side maps.
 pub struct Kernel {
     ebpf: Mutex<Ebpf>,
     maps: Arc<Mutex<Maps>>,
     root: PathBuf,
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kernel").field("root", &self.root).finish()
+    }
 }
 
 /// The data path's view of the kernel: the records of redirected sockets.
@@ -358,6 +408,11 @@ impl Kernel {
 
     /// Adds a sandbox's rows to the maps, then attaches every program to its cgroup and pins
     /// the links under `link_dir`. A failure half-way undoes what was done.
+    ///
+    /// Links already pinned there for this cgroup (a sandbox a previous egress registered)
+    /// are taken over: their program is swapped for this object's in one step
+    /// (`BPF_LINK_UPDATE`), so the cgroup is never without a program. Rows of this sandbox id
+    /// that the spec no longer has are deleted.
     pub fn register(
         &self,
         cgroup_dir: &Path,
@@ -375,8 +430,27 @@ impl Kernel {
             links: Vec::new(),
             link_dir: link_dir.to_owned(),
             keep: false,
+            adopted: 0,
         };
         reg.write_rows(spec)?;
+        lock(&self.maps).purge_rows(spec.id, Some(&reg));
+        if let Err(e) = self.attach_all(&mut reg, cgroup_dir, cgroup_id, spec.strict, link_dir) {
+            // Links a previous egress left were taken over: undoing would uncapture a
+            // sandbox that was captured before this call. Fail closed: leave it all.
+            reg.keep = reg.adopted > 0;
+            return Err(e);
+        }
+        Ok(reg)
+    }
+
+    fn attach_all(
+        &self,
+        reg: &mut Registration,
+        cgroup_dir: &Path,
+        cgroup_id: u64,
+        strict: bool,
+        link_dir: &Path,
+    ) -> Result<(), Error> {
         fs::create_dir_all(link_dir).map_err(pin_err(link_dir))?;
         let cgroup = fs::File::open(cgroup_dir).map_err(|source| Error::Cgroup {
             path: cgroup_dir.to_owned(),
@@ -384,16 +458,43 @@ impl Kernel {
         })?;
         let mut ebpf = lock(&self.ebpf);
         for slot in ATTACH {
-            let a = program_for(slot, spec.strict);
-            let link = attach_program(&mut ebpf, &a, cgroup.as_fd())?;
+            let a = program_for(slot, strict);
             let path = link_dir.join(a.pin);
-            let pinned = link.pin(&path).map_err(|e| Error::Pin {
-                path,
-                source: Box::new(e),
-            })?;
+            let pinned = match adopt_link(&ebpf, &a, &path, cgroup_id)? {
+                Some(link) => {
+                    reg.adopted += 1;
+                    link
+                }
+                None => {
+                    let link = attach_program(&mut ebpf, &a, cgroup.as_fd())?;
+                    link.pin(&path).map_err(|e| Error::Pin {
+                        path,
+                        source: Box::new(e),
+                    })?
+                }
+            };
             reg.links.push(pinned);
         }
-        Ok(reg)
+        Ok(())
+    }
+
+    /// Removes what a sandbox left in the kernel when there is no [`Registration`] for it
+    /// (its cgroup vanished while no egress ran): its pinned links, its row and every row
+    /// of its id.
+    pub fn purge(&self, sandbox: u32, cgroup_id: u64, link_dir: &Path) {
+        remove_pin_dir(link_dir);
+        let mut m = lock(&self.maps);
+        let _ = m.sandboxes.remove(&cgroup_id);
+        m.purge_rows(sandbox, None);
+    }
+
+    /// The largest sandbox id any row names (0 when none): ids handed out after a restart
+    /// must not collide with rows left behind.
+    pub fn max_sandbox_id(&self) -> u32 {
+        let m = lock(&self.maps);
+        let rows = m.sandboxes.iter().filter_map(Result::ok).map(|(_, v)| v.id);
+        let ports = m.ports.keys().filter_map(Result::ok).map(|k| k.sandbox);
+        rows.chain(ports).max().unwrap_or(0)
     }
 
     /// Sum over CPUs of one kernel counter.
@@ -404,6 +505,41 @@ impl Kernel {
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }
+}
+
+/// Takes over the link pinned at `path` if it is attached to `cgroup_id`: swaps its program
+/// for this object's `a.program` and returns it. A link that is missing, defunct (its cgroup
+/// is gone) or on another cgroup is left to the caller (removed first, if it was there).
+fn adopt_link(
+    ebpf: &Ebpf,
+    a: &Attach,
+    path: &Path,
+    cgroup_id: u64,
+) -> Result<Option<PinnedLink>, Error> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let fd = sys::obj_get(path).map_err(pin_err(path))?;
+    match sys::cgroup_link_info(fd.as_fd()) {
+        Ok(info) if info.cgroup_id == cgroup_id => {}
+        _ => {
+            tracing::warn!(pin = %path.display(), "pinned link is not attached to this sandbox's cgroup; replacing it");
+            fs::remove_file(path).map_err(pin_err(path))?;
+            return Ok(None);
+        }
+    }
+    let name = a.program;
+    let prog = ebpf.program(name).ok_or(Error::MissingProgram { name })?;
+    let prog_fd = prog.fd().map_err(prog_err(name, "fd"))?;
+    sys::link_update(fd.as_fd(), prog_fd.as_fd()).map_err(|source| Error::LinkUpdate {
+        path: path.to_owned(),
+        source,
+    })?;
+    let link = PinnedLink::from_pin(path).map_err(|e| Error::Link {
+        name,
+        source: Box::new(e),
+    })?;
+    Ok(Some(link))
 }
 
 fn load_program(ebpf: &mut Ebpf, a: &Attach) -> Result<(), Error> {
@@ -503,6 +639,8 @@ pub struct Registration {
     links: Vec<PinnedLink>,
     link_dir: PathBuf,
     keep: bool,
+    /// Links taken over from a previous egress rather than attached here.
+    adopted: usize,
 }
 
 impl Registration {
@@ -519,13 +657,25 @@ impl Registration {
                 .map_err(map_err(maps::INTERCEPT_PORTS, "insert"))?;
             self.ports.push(key);
         }
-        for a in &spec.allow_tcp {
+        drop(m);
+        self.write_allow(&spec.allow_tcp)?;
+        lock(&self.maps)
+            .sandboxes
+            .insert(self.cgroup_id, spec.row(), 0)
+            .map_err(map_err(maps::SANDBOXES, "insert"))?;
+        Ok(())
+    }
+
+    fn write_allow(&mut self, allow: &[TcpAllow]) -> Result<(), Error> {
+        let mut m = lock(&self.maps);
+        let id = self.sandbox;
+        for a in allow {
             match a.net.addr {
                 std::net::IpAddr::V4(ip) => {
                     let key = Key::new(
                         ALLOW_FIXED_PREFIX + u32::from(a.net.prefix),
                         Allow4 {
-                            sandbox: spec.id.to_be(),
+                            sandbox: id.to_be(),
                             port: u32::from(a.port).to_be(),
                             addr: u32::from_ne_bytes(ip.octets()),
                         },
@@ -539,7 +689,7 @@ impl Registration {
                     let key = Key::new(
                         ALLOW_FIXED_PREFIX + u32::from(a.net.prefix),
                         Allow6 {
-                            sandbox: spec.id.to_be(),
+                            sandbox: id.to_be(),
                             port: u32::from(a.port).to_be(),
                             addr: addr::v6_words(&ip),
                         },
@@ -551,14 +701,40 @@ impl Registration {
                 }
             }
         }
-        m.sandboxes
-            .insert(self.cgroup_id, spec.row(), 0)
-            .map_err(map_err(maps::SANDBOXES, "insert"))?;
         Ok(())
     }
 
     pub fn sandbox(&self) -> u32 {
         self.sandbox
+    }
+
+    /// How many of its links were taken over from a previous egress.
+    pub fn adopted(&self) -> usize {
+        self.adopted
+    }
+
+    /// Replaces the sandbox's direct TCP allowances (a reloaded policy's `tcp`): the new
+    /// rows go in before the old ones go, so an allowance in both never blinks.
+    pub fn set_allow(&mut self, allow: &[TcpAllow]) -> Result<(), Error> {
+        let (old4, old6) = (
+            std::mem::take(&mut self.allow4),
+            std::mem::take(&mut self.allow6),
+        );
+        self.write_allow(allow)?;
+        let mut m = lock(&self.maps);
+        for k in old4
+            .iter()
+            .filter(|k| !self.allow4.iter().any(|n| same_key(n, k)))
+        {
+            let _ = m.allow4.remove(k);
+        }
+        for k in old6
+            .iter()
+            .filter(|k| !self.allow6.iter().any(|n| same_key(n, k)))
+        {
+            let _ = m.allow6.remove(k);
+        }
+        Ok(())
     }
 
     /// Leaves links, rows and pins in place: the sandbox stays captured with no egress

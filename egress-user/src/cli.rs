@@ -85,7 +85,22 @@ pub enum Command {
     #[command(after_help = RUN_EXAMPLES)]
     Run(Box<RunArgs>),
     /// Remove the cgroups and pinned eBPF state of runs that died without cleaning up.
-    Gc,
+    #[command(
+        after_help = "Examples:\n  sudo egress gc\n  # Stop the daemon first: this also opens every sandbox it governed\n  sudo egress gc --all"
+    )]
+    Gc(GcArgs),
+    /// Run the node daemon: one privileged egress that governs many sandboxes (existing
+    /// cgroups, each possibly in its own network namespace), added and removed while it runs.
+    #[command(after_help = DAEMON_EXAMPLES)]
+    Daemon(DaemonArgs),
+    /// Add, remove or list the daemon's sandboxes (through its API socket).
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Show whether the daemon is ready, what is pending, and its sandboxes.
+    #[command(
+        after_help = "Examples:\n  sudo egress status\n  sudo egress status --api /run/egress/api.sock"
+    )]
+    Status(ApiArgs),
     /// Manage the CA that signs intercepted connections' certificates.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -97,6 +112,146 @@ pub enum Command {
         after_help = "Examples:\n  egress log --decision deny\n  egress log /var/lib/egress/audit.jsonl --sandbox agent --host github.com\n  tail -f /var/lib/egress/audit.jsonl | egress log -"
     )]
     Log(LogViewArgs),
+}
+
+const DAEMON_EXAMPLES: &str = "\
+Examples:
+  # Validate a config (and the policy names it uses), then run the daemon
+  sudo egress daemon check /etc/egress/daemon.toml
+  sudo egress daemon --config /etc/egress/daemon.toml
+
+  # Put a running container's cgroup under the `agent` policy, from its own netns
+  sudo egress sandbox add agent-1 --cgroup docker/3f1c... --pid 4242 --policy agent
+  sudo egress sandbox list
+  sudo egress sandbox remove agent-1
+
+  # Stop and leave nothing behind (sandboxes are no longer captured afterwards)
+  sudo egress daemon --config /etc/egress/daemon.toml --detach-on-exit
+
+A minimal config:
+  [daemon]
+  policy = \"/etc/egress/policy.toml\"
+  [[sandbox]]
+  name = \"agents\"
+  cgroup = \"agents\"          # every child cgroup is captured too; the deepest sandbox wins
+  policy = \"deny-all\"
+
+SIGHUP (or a change to the policy file) reloads every sandbox's policy. SIGTERM drains and
+stops; the pinned programs stay, so every sandbox stays closed until the daemon is back.";
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct DaemonArgs {
+    #[command(subcommand)]
+    pub check: Option<DaemonCommand>,
+    /// The daemon's config file (TOML); see `egress daemon check`.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub config: Option<PathBuf>,
+    /// On exit, remove every sandbox from the kernel and delete the pins and state, instead
+    /// of leaving every sandbox closed for the next daemon.
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Use this CA certificate (PEM) instead of the config's or the confdir's; needs --ca-key.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra trusted roots for upstream servers: an OpenSSL-style directory of PEM files.
+    #[arg(long, value_name = "DIR")]
+    pub upstream_trust_dir: Option<PathBuf>,
+    /// Extra trusted root(s) for upstream servers, PEM (repeatable; adds to the config's).
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_cas: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Validate a daemon config: prints a summary, or one error as FILE:LINE:COL: key:
+    /// message (exit 64).
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+/// Where the daemon's API socket is.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// The daemon's API socket.
+    #[arg(long, value_name = "PATH", env = "EGRESS_API", default_value = crate::daemon::config::DEFAULT_API)]
+    pub api: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Put a cgroup (and everything below it) under a policy; returns once its next connect
+    /// is captured.
+    #[command(
+        after_help = "Examples:\n  sudo egress sandbox add agent-a --cgroup agents/a --policy agent\n  sudo egress sandbox add web --cgroup docker/3f1c... --pid 4242 --strict\n  sudo egress sandbox add lab --cgroup lab --netns /var/run/netns/lab --upstream host"
+    )]
+    Add(Box<SandboxAddArgs>),
+    /// Remove a sandbox: its cgroup is no longer captured; its connections drain first.
+    Remove {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List the sandboxes, with their counters.
+    List {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxAddArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The cgroup, relative to the cgroup2 root (or absolute).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: String,
+    /// The policy file's sandbox to apply (default: NAME).
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
+    /// The sandbox's network namespace, e.g. /var/run/netns/NAME.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    pub netns: Option<String>,
+    /// A process whose network namespace is the sandbox's (a container's init).
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Drop, in the kernel, any packet not bound for egress or an allowance.
+    #[arg(long)]
+    pub strict: bool,
+    /// TCP port sent through the proxy (repeatable; default 80 and 443).
+    #[arg(long = "intercept-port", value_name = "PORT")]
+    pub intercept_ports: Vec<u16>,
+    /// Where upstream connections leave from: the sandbox's namespace, or the daemon's.
+    #[arg(long, value_name = "FROM", value_parser = ["sandbox", "host"])]
+    pub upstream: Option<String>,
+    /// Warn mode: log what would be refused, and let it through.
+    #[arg(long)]
+    pub warn: bool,
+    /// Refuse connections whose SNI/Host did not resolve to their IP through egress.
+    #[arg(long)]
+    pub dns_pinning: bool,
+    /// Turn a default guard off (repeatable).
+    #[arg(long = "no-guard", value_name = "GUARD", value_enum)]
+    pub no_guard: Vec<GuardName>,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Also remove the daemon's pinned programs and maps (every sandbox it governed is no
+    /// longer captured). Stop the daemon first.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -237,7 +392,8 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum GuardName {
     PrivateRanges,
     DomainFronting,
@@ -409,7 +565,7 @@ impl RunArgs {
 }
 
 /// `IP`, `IP:PORT` or `[IPv6]:PORT`; port 53 when none is given.
-fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+pub fn parse_dns_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
         return Ok(std::net::SocketAddr::new(ip, 53));
     }

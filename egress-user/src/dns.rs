@@ -364,7 +364,7 @@ async fn answer(shared: &Shared, who: &Asker, raw: &[u8]) -> Option<Vec<u8>> {
         rec.decision = Decision::Allow;
     }
 
-    let reply = match sb.resolvers.forward(&q.raw).await {
+    let reply = match sb.resolvers.load().forward(&q.raw).await {
         Ok(r) => r,
         Err(e) => {
             sb.counters

@@ -87,6 +87,23 @@ pub fn collect(cgroup_root: &Path, bpffs: &Path) -> Vec<String> {
     removed
 }
 
+/// Removes the pinned programs and maps of the daemon (everything under `<bpffs>/egress`
+/// that is not a run's): every sandbox it governed is no longer captured.
+pub fn collect_daemon(bpffs: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let dir = bpffs.join("egress");
+    for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("run-") {
+            bpf::remove_pin_dir(&e.path());
+            tracing::info!(pins = %e.path().display(), "gc: removed the daemon's pinned state");
+            removed.push(name);
+        }
+    }
+    let _ = fs::remove_dir(&dir);
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod bpf;
@@ -13,6 +14,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod command;
+pub mod daemon;
 pub mod dns;
 pub mod events;
 pub mod gc;

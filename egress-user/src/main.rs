@@ -59,7 +59,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Gc => match app::gc() {
+        Command::Daemon(args) => daemon_main(args),
+        Command::Sandbox(cmd) => client(sandbox_cmd(cmd)),
+        Command::Status(api) => client(status(api)),
+        Command::Gc(args) => match app::gc(args.all) {
             Ok(removed) => {
                 println!("removed {} dead run(s)", removed.len());
                 0
@@ -71,6 +74,229 @@ fn main() -> ExitCode {
         },
     };
     ExitCode::from(code)
+}
+
+fn daemon_main(args: egress_user::cli::DaemonArgs) -> u8 {
+    use egress_user::{cli::DaemonCommand, daemon};
+    if let Some(DaemonCommand::Check { file }) = args.check {
+        return match daemon::check(&file) {
+            Ok(out) => {
+                print!("{out}");
+                0
+            }
+            Err(e) => {
+                eprintln!("egress: {}", error_chain(&e));
+                exit::USAGE
+            }
+        };
+    }
+    let Some(path) = args.config else {
+        eprintln!("egress: daemon: --config FILE is required");
+        return exit::USAGE;
+    };
+    let mut cfg = match daemon::config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("egress: {}", error_chain(&e));
+            return exit::USAGE;
+        }
+    };
+    // Flags win over the config's TLS keys.
+    if let (Some(c), Some(k)) = (args.ca_cert, args.ca_key) {
+        cfg.tls.user_ca = Some((c, k));
+    }
+    if let Some(d) = args.upstream_trust_dir {
+        cfg.tls.upstream_trust_dir = Some(d);
+    }
+    cfg.tls.upstream_cas.extend(args.upstream_cas);
+    match runtime().block_on(daemon::run(cfg, args.detach_on_exit)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("egress: {}", error_chain(&e));
+            e.exit_code()
+        }
+    }
+}
+
+/// Runs one API client command; prints its error and maps it to an exit code.
+fn client(f: impl std::future::Future<Output = Result<String, ClientFailure>>) -> u8 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("cannot start the tokio runtime: {e}"));
+    match rt.block_on(f) {
+        Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Err(ClientFailure::Api(e)) => {
+            eprintln!("egress: {}", error_chain(&e));
+            e.exit_code()
+        }
+        Err(ClientFailure::Refused {
+            status,
+            field,
+            message,
+        }) => {
+            eprintln!("egress: {field}: {message}");
+            match status {
+                403 => exit::NOPERM,
+                400..=499 => exit::USAGE,
+                _ => exit::SOFTWARE,
+            }
+        }
+    }
+}
+
+enum ClientFailure {
+    Api(egress_user::daemon::api::ClientError),
+    Refused {
+        status: u16,
+        field: String,
+        message: String,
+    },
+}
+
+async fn call(
+    api: &std::path::Path,
+    method: http::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ClientFailure> {
+    let (status, v) = egress_user::daemon::api::call(api, method, path, body)
+        .await
+        .map_err(ClientFailure::Api)?;
+    if status.is_success() {
+        return Ok(v);
+    }
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_owned();
+    Err(ClientFailure::Refused {
+        status: status.as_u16(),
+        field: s("field"),
+        message: s("error"),
+    })
+}
+
+async fn sandbox_cmd(cmd: egress_user::cli::SandboxCommand) -> Result<String, ClientFailure> {
+    use egress_user::cli::SandboxCommand;
+    use http::Method;
+    match cmd {
+        SandboxCommand::Add(a) => {
+            let mut body = serde_json::json!({ "name": a.name, "cgroup": a.cgroup });
+            let o = body.as_object_mut().expect("an object");
+            if let Some(p) = a.policy {
+                o.insert("policy".into(), p.into());
+            }
+            if let Some(n) = a.netns {
+                o.insert("netns".into(), n.into());
+            }
+            if let Some(p) = a.pid {
+                o.insert("pid".into(), p.into());
+            }
+            if a.strict {
+                o.insert("strict".into(), true.into());
+            }
+            if !a.intercept_ports.is_empty() {
+                o.insert("intercept_ports".into(), a.intercept_ports.into());
+            }
+            if let Some(u) = a.upstream {
+                o.insert("upstream".into(), u.into());
+            }
+            if a.warn {
+                o.insert("warn".into(), true.into());
+            }
+            if a.dns_pinning {
+                o.insert("dns_pinning".into(), true.into());
+            }
+            if !a.no_guard.is_empty() {
+                o.insert(
+                    "no_guard".into(),
+                    serde_json::to_value(&a.no_guard).unwrap_or_default(),
+                );
+            }
+            let v = call(&a.api.api, Method::POST, "/v1/sandboxes", Some(body)).await?;
+            Ok(format!(
+                "added {} (id {}, cgroup {}, netns {})\n",
+                v["name"].as_str().unwrap_or("?"),
+                v["id"],
+                v["cgroup"].as_str().unwrap_or("?"),
+                v["netns"].as_str().unwrap_or("?")
+            ))
+        }
+        SandboxCommand::Remove { name, api } => {
+            let v = call(
+                &api.api,
+                Method::DELETE,
+                &format!("/v1/sandboxes/{name}"),
+                None,
+            )
+            .await?;
+            Ok(format!(
+                "removed {name} ({} connection(s) cut off at the drain deadline)\n",
+                v["cut_off"]
+            ))
+        }
+        SandboxCommand::List { json, api } => {
+            let v = call(&api.api, Method::GET, "/v1/sandboxes", None).await?;
+            if json {
+                return Ok(format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                ));
+            }
+            Ok(sandbox_table(&v))
+        }
+    }
+}
+
+fn sandbox_table(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "{:<20} {:>4} {:<8} {:<16} {:<14} {:>7} {:>6} {:>6} {:>6} {:>6}  CGROUP\n",
+        "NAME", "ID", "STATE", "NETNS", "POLICY", "ALLOW", "DENY", "KDENY", "DNS", "ACTIVE"
+    );
+    for s in v.as_array().into_iter().flatten() {
+        let c = &s["counters"];
+        let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        let dns: u64 = c["dns_queries"]
+            .as_object()
+            .map(|m| m.values().map(n).sum())
+            .unwrap_or(0);
+        out.push_str(&format!(
+            "{:<20} {:>4} {:<8} {:<16} {:<14} {:>7} {:>6} {:>6} {:>6} {:>6}  {}\n",
+            s["name"].as_str().unwrap_or("?"),
+            s["id"],
+            s["state"].as_str().unwrap_or("?"),
+            s["netns"].as_str().unwrap_or("?"),
+            s["policy"].as_str().unwrap_or("?"),
+            n(&c["requests"]["allow"]),
+            n(&c["requests"]["deny"]),
+            n(&c["kernel_denies"]),
+            dns,
+            n(&c["active_connections"]),
+            s["cgroup"].as_str().unwrap_or("?"),
+        ));
+        if let Some(p) = s["pending"].as_str() {
+            out.push_str(&format!("  pending: {p}\n"));
+        }
+    }
+    out
+}
+
+async fn status(api: egress_user::cli::ApiArgs) -> Result<String, ClientFailure> {
+    let v = call(&api.api, http::Method::GET, "/v1/status", None).await?;
+    let mut out = if v["ready"].as_bool() == Some(true) {
+        String::from("ready\n")
+    } else {
+        let mut s = String::from("not ready, pending:\n");
+        for p in v["pending"].as_array().into_iter().flatten() {
+            s.push_str(&format!("- {}\n", p.as_str().unwrap_or("?")));
+        }
+        s
+    };
+    let list = call(&api.api, http::Method::GET, "/v1/sandboxes", None).await?;
+    out.push_str(&format!("{} sandbox(es)\n", v["sandboxes"]));
+    out.push_str(&sandbox_table(&list));
+    Ok(out)
 }
 
 fn log_view(args: egress_user::cli::LogViewArgs) -> u8 {

@@ -136,6 +136,35 @@ impl Sandbox {
         self.listeners.as_ref()
     }
 
+    /// How many of its kernel links were taken over from a previous egress.
+    pub fn adopted_links(&self) -> usize {
+        self.registration.as_ref().map_or(0, Registration::adopted)
+    }
+
+    /// Moves the sandbox to the listeners of another namespace (its container restarted
+    /// with a new one) and makes its upstream connections there. The kernel's rows stay:
+    /// the listeners sit on the same ports in every namespace.
+    pub fn rebind(
+        &mut self,
+        listeners: Arc<Listeners>,
+        upstream: Connector,
+        resolvers: dns::upstream::Upstreams,
+    ) {
+        self.state.pool.rebind(upstream.clone());
+        self.state
+            .resolvers
+            .store(Arc::new(resolvers.via(upstream)));
+        self.listeners = Some(listeners);
+    }
+
+    /// Replaces its direct TCP allowances in the kernel (a reloaded policy's `tcp`).
+    pub fn set_allow(&mut self, allow: &[crate::pattern::TcpAllow]) -> Result<(), bpf::Error> {
+        match self.registration.as_mut() {
+            Some(r) => r.set_allow(allow),
+            None => Ok(()),
+        }
+    }
+
     /// Removes the sandbox: its programs and rows first (its cgroup is no longer captured),
     /// then its state, then its connections get up to `drain` to finish before they are
     /// cut off; then its share of the listeners and its run directory go. Returns how many

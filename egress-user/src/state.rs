@@ -45,6 +45,8 @@ pub struct Shared {
     pub upstream_tls: UpstreamTls,
     /// Log query strings in audit records (they often carry tokens; off by default).
     pub audit_query: bool,
+    /// What the data path observes for `/metrics`.
+    pub metrics: Arc<crate::admin::DataMetrics>,
 }
 
 /// The rustls client configurations upstream connections use.
@@ -80,8 +82,9 @@ pub struct SandboxState {
     pub counters: Counters,
     /// Upstream connections, leaving from wherever this sandbox's traffic should leave.
     pub pool: Pool,
-    /// Resolvers that permitted DNS queries are forwarded to.
-    pub resolvers: dns::upstream::Upstreams,
+    /// Resolvers that permitted DNS queries are forwarded to; swapped with the pool's
+    /// connector when the sandbox's namespace changes.
+    pub resolvers: ArcSwap<dns::upstream::Upstreams>,
     /// Every connection and query task of this sandbox, so removal can drain them.
     pub conns: TaskTracker,
     /// Fired when the drain deadline passes: tasks still running stop.
@@ -103,7 +106,7 @@ impl SandboxState {
             pins: Pins::new(PIN_CAPACITY, PIN_MIN_TTL),
             counters: Counters::default(),
             pool,
-            resolvers,
+            resolvers: ArcSwap::from_pointee(resolvers),
             conns: TaskTracker::new(),
             cut: CancellationToken::new(),
         }

@@ -119,6 +119,7 @@ impl Harness {
             records: records.clone(),
             upstream_tls: UpstreamTls::new(upstream),
             audit_query: false,
+            metrics: Default::default(),
         });
         let file = policy_file(dir.path());
         for (id, name) in SANDBOXES {

@@ -472,7 +472,8 @@ fn in_document_order<V>(
     v.into_iter()
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+/// Sandbox names: in the policy file, the daemon config and the API alike.
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = (1..=64).contains(&name.len())
         && name
             .bytes()

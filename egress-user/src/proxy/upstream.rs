@@ -4,7 +4,12 @@
 //! there is no insecure fallback. HTTP/2 or HTTP/1.1 is whatever the upstream picks by ALPN,
 //! independently of the client side. Connections are pooled per (original destination, SNI).
 
-use std::{collections::HashMap, net::SocketAddr, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -116,8 +121,9 @@ enum Entry {
 pub struct Pool {
     tls: tokio_rustls::TlsConnector,
     tls_h1_only: tokio_rustls::TlsConnector,
-    /// Where upstream sockets are made (egress's namespace or the sandbox's).
-    via: Connector,
+    /// Where upstream sockets are made (egress's namespace or the sandbox's); swapped when a
+    /// sandbox's namespace changes (a restarted container).
+    via: arc_swap::ArcSwap<Connector>,
     entries: Mutex<HashMap<PoolKey, Entry>>,
 }
 
@@ -132,14 +138,24 @@ impl Pool {
         Self {
             tls: tls.any.clone().into(),
             tls_h1_only: tls.h1_only.clone().into(),
-            via,
+            via: arc_swap::ArcSwap::from_pointee(via),
             entries: Mutex::new(HashMap::new()),
         }
     }
 
     /// A plain TCP connection to `dst` (passthrough), made where this pool's are.
     pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
-        connect_tcp(&self.via, dst).await
+        connect_tcp(&self.via.load(), dst).await
+    }
+
+    /// Makes new connections through `via` from now on and forgets the pooled ones, which
+    /// left from the old place.
+    pub fn rebind(&self, via: Connector) {
+        self.via.store(Arc::new(via));
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<Sender> {
@@ -230,7 +246,7 @@ impl Pool {
 
     async fn connect(&self, key: &PoolKey, h1_only: bool) -> Result<Sender, Error> {
         let dst = key.dst;
-        let tcp = connect_tcp(&self.via, dst).await?;
+        let tcp = connect_tcp(&self.via.load(), dst).await?;
         let Some(name) = &key.tls_name else {
             return h1(TokioIo::new(tcp), dst, h1_only).await;
         };

@@ -127,6 +127,7 @@ pub struct LeafCache {
     clock: AtomicU64,
     minted: AtomicU64,
     failures: AtomicU64,
+    hits: AtomicU64,
 }
 
 /// One host's entry. Its mutex is what makes minting single-flight: the first caller mints
@@ -173,6 +174,7 @@ impl LeafCache {
             clock: AtomicU64::new(0),
             minted: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         })
     }
 
@@ -186,6 +188,7 @@ impl LeafCache {
         let now = OffsetDateTime::now_utc();
         if let Some(current) = leaf.as_ref() {
             if now < current.renew_after {
+                self.hits.fetch_add(1, Relaxed);
                 return Ok(current.key.clone());
             }
         }
@@ -207,6 +210,11 @@ impl LeafCache {
     /// Leaves minted so far (renewals included).
     pub fn minted(&self) -> u64 {
         self.minted.load(Relaxed)
+    }
+
+    /// Handshakes served from the cache.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Relaxed)
     }
 
     /// Mint attempts that failed.
