@@ -226,16 +226,44 @@ impl Collector for Counters {
             "Audit records that could not be written",
             ConstCounter::new(self.shared.audit.dropped()),
         )?;
-        let lost = self
-            .kernel
-            .as_ref()
-            .map_or(0, |k| k.counter(egress_common::Counter::EventsLost));
-        single(
-            &mut enc,
-            "egress_kernel_events_lost",
-            "Kernel refusals not reported because the ring buffer was full",
-            ConstCounter::new(lost),
-        )?;
+        // The kernel's own counters live in a pinned map: they keep counting across
+        // daemon restarts.
+        use egress_common::Counter as K;
+        let k = |c: K| self.kernel.as_ref().map_or(0, |k| k.counter(c));
+        for (name, help, c) in [
+            (
+                "egress_kernel_events_lost",
+                "Kernel refusals not reported because the ring buffer was full",
+                K::EventsLost,
+            ),
+            (
+                "egress_kernel_redirected",
+                "Connects the kernel sent to a proxy listener, all sandboxes",
+                K::Redirected,
+            ),
+            (
+                "egress_kernel_dns_redirected",
+                "DNS queries the kernel sent to a DNS listener, all sandboxes",
+                K::DnsRedirected,
+            ),
+            (
+                "egress_kernel_record_failed",
+                "Redirected connects whose original destination could not be recorded",
+                K::RecordFailed,
+            ),
+            (
+                "egress_kernel_refused",
+                "Connects, sends and sockets the kernel refused, all sandboxes",
+                K::Denied,
+            ),
+            (
+                "egress_kernel_strict_dropped",
+                "Packets the --strict backstop dropped, all sandboxes",
+                K::StrictDropped,
+            ),
+        ] {
+            single(&mut enc, name, help, ConstCounter::new(k(c)))?;
+        }
         single(
             &mut enc,
             "egress_sandboxes",
