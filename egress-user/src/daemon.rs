@@ -644,6 +644,18 @@ impl Daemon {
             NetnsSpec::Pid(pid) => {
                 // The process given, or (once it is gone) any process of the sandbox.
                 let pid = if Path::new(&format!("/proc/{pid}")).exists() {
+                    let inside = cgroup::cgroup_of(*pid)
+                        .map(|c| self.inner.cg_root.join(c.trim_start_matches('/')))
+                        .is_ok_and(|c| c.starts_with(cgroup));
+                    if !inside {
+                        return Err(bad(
+                            "pid",
+                            format!(
+                                "process {pid} is not in {} or below it; give a process of the sandbox (a container's init)",
+                                cgroup.display()
+                            ),
+                        ));
+                    }
                     *pid
                 } else {
                     first_pid(cgroup).ok_or_else(|| {
