@@ -85,19 +85,46 @@ pub(crate) fn allowed6(sandbox: u32, addr: [u32; 4], port: u16) -> bool {
     ALLOW6.get(&key).is_some()
 }
 
-/// Whether `addr:port` is the sandbox's listener on `port4`/`port6`.
+/// One of a sandbox's listeners, both on its `listen4_addr` and `listen6_addr`.
+#[derive(Clone, Copy)]
+pub(crate) enum Listener {
+    /// The TLS-intercepting proxy, for the intercepted TCP ports.
+    Proxy,
+    /// The DNS listener (UDP and TCP), for port 53.
+    Dns,
+}
+
+impl Listener {
+    /// This listener's (IPv4, IPv6) ports in `sb`, host byte order.
+    #[inline(always)]
+    pub(crate) fn ports(self, sb: &Sandbox) -> (u32, u32) {
+        match self {
+            Self::Proxy => (sb.listen4_port, sb.listen6_port),
+            Self::Dns => (sb.dns4_port, sb.dns6_port),
+        }
+    }
+}
+
+/// Whether `addr:port` is the sandbox's `listener`.
 #[inline(always)]
 pub(crate) fn at_listener(
     sb: &Sandbox,
+    listener: Listener,
     mapped: bool,
     addr: [u32; 4],
     port: u16,
-    port4: u32,
-    port6: u32,
 ) -> bool {
+    let (port4, port6) = listener.ports(sb);
     if mapped {
         addr[3] == sb.listen4_addr && port as u32 == port4
     } else {
         addr == sb.listen6_addr && port as u32 == port6
     }
+}
+
+/// Whether `addr:port` is either of the sandbox's listeners.
+#[inline(always)]
+pub(crate) fn at_any_listener(sb: &Sandbox, mapped: bool, addr: [u32; 4], port: u16) -> bool {
+    at_listener(sb, Listener::Proxy, mapped, addr, port)
+        || at_listener(sb, Listener::Dns, mapped, addr, port)
 }

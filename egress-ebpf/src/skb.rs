@@ -14,7 +14,7 @@ use egress_common::{
 use crate::{
     event::submit,
     maps::{count, DNS_BY_COOKIE, DNS_PEERS},
-    sandbox::{allowed4, allowed6, at_listener, find_sandbox_skb},
+    sandbox::{allowed4, allowed6, at_any_listener, find_sandbox_skb},
 };
 
 const PASS_SKB: i32 = 1;
@@ -165,8 +165,7 @@ fn strict_allows(ctx: &SkBuffContext, sb: &Sandbox) -> bool {
             };
             let port = u16::from_be(port);
             let addr = v4_mapped(dst);
-            at_listener(sb, true, addr, port, sb.listen4_port, sb.listen6_port)
-                || at_listener(sb, true, addr, port, sb.dns4_port, sb.dns6_port)
+            at_any_listener(sb, true, addr, port)
                 || (proto == IPPROTO_TCP_U8 && allowed4(sb.id, dst, port))
         }
         6 => {
@@ -187,8 +186,7 @@ fn strict_allows(ctx: &SkBuffContext, sb: &Sandbox) -> bool {
             };
             let addr = [a0, a1, a2, a3];
             let port = u16::from_be(port);
-            at_listener(sb, false, addr, port, sb.listen4_port, sb.listen6_port)
-                || at_listener(sb, false, addr, port, sb.dns4_port, sb.dns6_port)
+            at_any_listener(sb, false, addr, port)
                 || (next == IPPROTO_TCP_U8 && allowed6(sb.id, addr, port))
         }
         _ => false,

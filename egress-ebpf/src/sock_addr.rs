@@ -19,7 +19,9 @@ use egress_common::{
 use crate::{
     event::{comm, report, tgid},
     maps::{count, DNS_BY_COOKIE, ORIG_BY_COOKIE},
-    sandbox::{allowed4, allowed6, at_listener, find_sandbox, intercepted},
+    sandbox::{
+        allowed4, allowed6, at_any_listener, at_listener, find_sandbox, intercepted, Listener,
+    },
     ALLOW, DENY, SOCK_DGRAM, SOCK_STREAM,
 };
 
@@ -77,10 +79,10 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
         // (QUIC among them) is refused.
         if port == DNS_PORT {
             record_dns(ctx, &sb, family, addr, port);
-            rewrite(sa, &sb, family, mapped, sb.dns4_port, sb.dns6_port);
+            rewrite(sa, &sb, Listener::Dns, family, mapped);
             return ALLOW;
         }
-        if at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port) {
+        if at_listener(&sb, Listener::Dns, mapped, addr, port) {
             // Straight at the DNS listener: no record of this socket, so the listener
             // refuses its queries.
             return ALLOW;
@@ -94,21 +96,19 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
     }
 
     // Already aimed at a listener: pass untouched; it refuses it for lack of an entry.
-    if at_listener(&sb, mapped, addr, port, sb.listen4_port, sb.listen6_port)
-        || at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port)
-    {
+    if at_any_listener(&sb, mapped, addr, port) {
         return ALLOW;
     }
 
     if port == DNS_PORT {
         record(ctx, &sb, family, addr, port);
         count(Counter::DnsRedirected);
-        rewrite(sa, &sb, family, mapped, sb.dns4_port, sb.dns6_port);
+        rewrite(sa, &sb, Listener::Dns, family, mapped);
         return ALLOW;
     }
     if intercepted(sb.id, port) {
         record(ctx, &sb, family, addr, port);
-        rewrite(sa, &sb, family, mapped, sb.listen4_port, sb.listen6_port);
+        rewrite(sa, &sb, Listener::Proxy, family, mapped);
         return ALLOW;
     }
 
@@ -124,17 +124,11 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
     DENY
 }
 
-/// Points a connect or send at the sandbox's listener on `port4`/`port6`, in the address
-/// form the socket uses.
+/// Points a connect or send at the sandbox's `listener`, in the address form the socket
+/// uses.
 #[inline(always)]
-fn rewrite(
-    sa: *mut bpf_sock_addr,
-    sb: &Sandbox,
-    family: u32,
-    mapped: bool,
-    port4: u32,
-    port6: u32,
-) {
+fn rewrite(sa: *mut bpf_sock_addr, sb: &Sandbox, listener: Listener, family: u32, mapped: bool) {
+    let (port4, port6) = listener.ports(sb);
     // SAFETY: whole-field writes to the context, which the verifier allows for connect and
     // sendmsg.
     unsafe {
@@ -278,7 +272,7 @@ pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let (addr, port) = dest4(&ctx);
-    if at_listener(&sb, true, addr, port, sb.dns4_port, sb.dns6_port) {
+    if at_listener(&sb, Listener::Dns, true, addr, port) {
         // SAFETY: whole-field writes, allowed for recvmsg.
         unsafe {
             (*ctx.sock_addr).user_ip4 = c.orig.addr[3];
@@ -301,7 +295,7 @@ pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
     };
     let (addr, port) = dest6(&ctx);
     let mapped = is_v4_mapped(&addr);
-    if at_listener(&sb, mapped, addr, port, sb.dns4_port, sb.dns6_port) {
+    if at_listener(&sb, Listener::Dns, mapped, addr, port) {
         let a = c.orig.addr;
         let sa = ctx.sock_addr;
         // SAFETY: whole-field writes, allowed for recvmsg.
