@@ -1,6 +1,6 @@
 //! What the eBPF programs and user space must agree on: map and program names,
-//! the constants, flags, event kinds and counter slots both sides use, and the `#[repr(C)]`
-//! types stored in the maps (`aya::Pod` for them behind the `user` feature).
+//! map capacities, the constants, flags, event kinds and counter slots both sides use, and
+//! the `#[repr(C)]` types stored in the maps (`aya::Pod` for them behind the `user` feature).
 //!
 //! Each of those types is `#[repr(C)]` and made of `u64`, `u32` and `u8` fields (or arrays
 //! and structs of them), with any padding spelled out as a `_pad` field, so both sides lay
@@ -11,32 +11,52 @@
 //! prefix covers them.
 #![no_std]
 
-/// Map names, shared so that user space cannot look up a map the kernel side renamed.
+/// Map names, shared so that user space cannot look up a map the kernel side renamed, and
+/// map capacities.
 pub mod maps {
     /// cgroup id -> [`super::Sandbox`]. Only sockets whose cgroup is, or descends from, a key
     /// here are acted on.
     pub const SANDBOXES: &str = "SANDBOXES";
+    /// Capacity of [`SANDBOXES`]: sandboxes registered at once, nested ones included.
+    pub const SANDBOXES_MAX_ENTRIES: u32 = 4096;
     /// [`super::PortKey`] -> 1 for every TCP port that a sandbox redirects to its listener.
     pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
+    /// Capacity of [`INTERCEPT_PORTS`], over all sandboxes.
+    pub const INTERCEPT_PORTS_MAX_ENTRIES: u32 = 16384;
     /// LPM trie of [`super::Allow4`]: IPv4 CIDR:port pairs a sandbox may reach directly.
     pub const ALLOW4: &str = "ALLOW4";
+    /// Capacity of [`ALLOW4`], over all sandboxes.
+    pub const ALLOW4_MAX_ENTRIES: u32 = 16384;
     /// LPM trie of [`super::Allow6`]: IPv6 CIDR:port pairs a sandbox may reach directly.
     pub const ALLOW6: &str = "ALLOW6";
+    /// Capacity of [`ALLOW6`], over all sandboxes.
+    pub const ALLOW6_MAX_ENTRIES: u32 = 16384;
     /// socket cookie -> [`super::SockRecord`], written by connect4/6 before the rewrite.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// Capacity of [`ORIG_BY_COOKIE`] (LRU: the oldest entries make way).
+    pub const ORIG_BY_COOKIE_MAX_ENTRIES: u32 = 65536;
     /// [`super::SockKey`] -> [`super::SockRecord`], written by sockops once the 4-tuple exists.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+    /// Capacity of [`ORIG_BY_TUPLE`] (LRU).
+    pub const ORIG_BY_TUPLE_MAX_ENTRIES: u32 = 65536;
     /// Ring buffer of [`super::Event`]s: what the kernel side refused (connects, sends,
     /// sockets, datagrams to port 0) or failed to record.
     pub const EVENTS: &str = "EVENTS";
+    /// Size of [`EVENTS`] in bytes: a power of two and a whole number of pages, as the kernel
+    /// requires.
+    pub const EVENTS_BYTE_SIZE: u32 = 256 * 1024;
     /// Per-CPU array of `u64` counters indexed by [`super::Counter`], [`super::COUNTER_SLOTS`]
     /// of them.
     pub const COUNTERS: &str = "COUNTERS";
     /// socket cookie -> [`super::DnsClient`]: a UDP socket that sent to port 53, and where to.
     pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
+    /// Capacity of [`DNS_BY_COOKIE`] (LRU).
+    pub const DNS_BY_COOKIE_MAX_ENTRIES: u32 = 65536;
     /// [`super::DnsPeerKey`] -> [`super::SockRecord`]: who is behind a query the DNS listener
     /// received, written by the cgroup_skb program as the datagram leaves the sandbox.
     pub const DNS_PEERS: &str = "DNS_PEERS";
+    /// Capacity of [`DNS_PEERS`] (LRU).
+    pub const DNS_PEERS_MAX_ENTRIES: u32 = 65536;
 }
 
 /// Program names as they appear in the object file.
@@ -272,6 +292,9 @@ const _: () = assert!(size_of::<SockKey>() == 48);
 const _: () = assert!(size_of::<DnsPeerKey>() == 32);
 const _: () = assert!(size_of::<DnsClient>() == 8 * 4 + 16 + 8 + 32);
 const _: () = assert!(size_of::<Event>() == 10 * 4 + 16);
+// The kernel refuses a ring buffer whose size is not a power of two and a whole number of
+// pages; a power of two of at least one page is both (pages are 4 KiB on x86-64).
+const _: () = assert!(maps::EVENTS_BYTE_SIZE.is_power_of_two() && maps::EVENTS_BYTE_SIZE >= 4096);
 
 #[cfg(feature = "user")]
 mod pod {
