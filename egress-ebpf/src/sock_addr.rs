@@ -5,7 +5,6 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -33,34 +32,39 @@ const DNS_PORT: u16 = 53;
 fn record(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], port: u16) {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = SockRecord {
+    let orig = sock_record(sb, family, addr, port);
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
+        record_failed(sb, family, IPPROTO_TCP, addr, port);
+    } else {
+        count(Counter::Redirected);
+    }
+}
+
+/// Where the current task's socket was going, for [`ORIG_BY_COOKIE`] or [`DNS_BY_COOKIE`].
+#[inline(always)]
+fn sock_record(sb: &Sandbox, family: u32, addr: [u32; 4], port: u16) -> SockRecord {
+    SockRecord {
         addr,
         port: port as u32,
         family,
         sandbox: sb.id,
         tgid: tgid(),
         comm: comm(),
-    };
-    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
-        count(Counter::RecordFailed);
-        report(
-            EventKind::RecordFailed,
-            sb.id,
-            family,
-            IPPROTO_TCP,
-            addr,
-            port,
-        );
-    } else {
-        count(Counter::Redirected);
     }
 }
 
+/// Counts and reports a destination that could not be saved.
+#[inline(always)]
+fn record_failed(sb: &Sandbox, family: u32, protocol: u32, addr: [u32; 4], port: u16) {
+    count(Counter::RecordFailed);
+    report(EventKind::RecordFailed, sb.id, family, protocol, addr, port);
+}
+
 /// What to do with a connect or send whose destination is `addr:port`, given in v4-mapped
-/// or native IPv6 form. Returns the verdict, rewriting `sa` when the connect is redirected.
+/// or native IPv6 form. Returns the verdict, rewriting the context when the connect is redirected.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send: bool) -> i32 {
-    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    let sa = ctx.sock_addr;
     // SAFETY: reads of whole 32-bit context fields.
     let (ty, proto) = unsafe { ((*sa).type_, (*sa).protocol) };
     // glibc's source-address probe connects a UDP socket to port 0 and sends nothing. A
@@ -79,7 +83,7 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
         // (QUIC among them) is refused.
         if port == DNS_PORT {
             record_dns(ctx, &sb, family, addr, port);
-            rewrite(sa, &sb, Listener::Dns, family, mapped);
+            rewrite(ctx, &sb, Listener::Dns, family, mapped);
             return ALLOW;
         }
         if at_listener(&sb, Listener::Dns, mapped, addr, port) {
@@ -103,12 +107,12 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
     if port == DNS_PORT {
         record(ctx, &sb, family, addr, port);
         count(Counter::DnsRedirected);
-        rewrite(sa, &sb, Listener::Dns, family, mapped);
+        rewrite(ctx, &sb, Listener::Dns, family, mapped);
         return ALLOW;
     }
     if intercepted(sb.id, port) {
         record(ctx, &sb, family, addr, port);
-        rewrite(sa, &sb, Listener::Proxy, family, mapped);
+        rewrite(ctx, &sb, Listener::Proxy, family, mapped);
         return ALLOW;
     }
 
@@ -127,28 +131,14 @@ fn decide(ctx: &SockAddrContext, family: u32, addr: [u32; 4], port: u16, is_send
 /// Points a connect or send at the sandbox's `listener`, in the address form the socket
 /// uses.
 #[inline(always)]
-fn rewrite(sa: *mut bpf_sock_addr, sb: &Sandbox, listener: Listener, family: u32, mapped: bool) {
+fn rewrite(ctx: &SockAddrContext, sb: &Sandbox, listener: Listener, family: u32, mapped: bool) {
     let (port4, port6) = listener.ports(sb);
-    // SAFETY: whole-field writes to the context, which the verifier allows for connect and
-    // sendmsg.
-    unsafe {
-        if family == AF_INET {
-            (*sa).user_ip4 = sb.listen4_addr;
-            (*sa).user_port = ((port4 as u16).to_be()) as u32;
-        } else if mapped {
-            let l = v4_mapped(sb.listen4_addr);
-            (*sa).user_ip6[0] = l[0];
-            (*sa).user_ip6[1] = l[1];
-            (*sa).user_ip6[2] = l[2];
-            (*sa).user_ip6[3] = l[3];
-            (*sa).user_port = ((port4 as u16).to_be()) as u32;
-        } else {
-            (*sa).user_ip6[0] = sb.listen6_addr[0];
-            (*sa).user_ip6[1] = sb.listen6_addr[1];
-            (*sa).user_ip6[2] = sb.listen6_addr[2];
-            (*sa).user_ip6[3] = sb.listen6_addr[3];
-            (*sa).user_port = ((port6 as u16).to_be()) as u32;
-        }
+    if family == AF_INET {
+        set_dest4(ctx, sb.listen4_addr, port4);
+    } else if mapped {
+        set_dest6(ctx, v4_mapped(sb.listen4_addr), port4);
+    } else {
+        set_dest6(ctx, sb.listen6_addr, port6);
     }
 }
 
@@ -165,14 +155,7 @@ fn record_dns(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], 
         )
     };
     let mut client = DnsClient {
-        orig: SockRecord {
-            addr,
-            port: port as u32,
-            family,
-            sandbox: sb.id,
-            tgid: tgid(),
-            comm: comm(),
-        },
+        orig: sock_record(sb, family, addr, port),
         netns,
         peer: DnsPeerKey::default(),
     };
@@ -182,15 +165,7 @@ fn record_dns(ctx: &SockAddrContext, sb: &Sandbox, family: u32, addr: [u32; 4], 
         client.peer = old.peer;
     }
     if DNS_BY_COOKIE.insert(cookie, client, 0).is_err() {
-        count(Counter::RecordFailed);
-        report(
-            EventKind::RecordFailed,
-            sb.id,
-            family,
-            IPPROTO_UDP,
-            addr,
-            port,
-        );
+        record_failed(sb, family, IPPROTO_UDP, addr, port);
     } else {
         count(Counter::DnsRedirected);
     }
@@ -201,6 +176,33 @@ fn dest4(ctx: &SockAddrContext) -> ([u32; 4], u16) {
     // SAFETY: whole 32-bit field reads, as the verifier requires.
     let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
     (v4_mapped(ip), u16::from_be(port as u16))
+}
+
+/// Sets the address of an IPv4 context: `ip` in network byte order, `port` in host order.
+#[inline(always)]
+fn set_dest4(ctx: &SockAddrContext, ip: u32, port: u32) {
+    let sa = ctx.sock_addr;
+    // SAFETY: whole-field writes, which the verifier allows in the connect, sendmsg,
+    // recvmsg and getpeername programs that call this.
+    unsafe {
+        (*sa).user_ip4 = ip;
+        (*sa).user_port = ((port as u16).to_be()) as u32;
+    }
+}
+
+/// Sets the address of an IPv6 context: `addr` in network byte order, `port` in host order.
+#[inline(always)]
+fn set_dest6(ctx: &SockAddrContext, addr: [u32; 4], port: u32) {
+    let sa = ctx.sock_addr;
+    // SAFETY: whole-field 32-bit writes, which the verifier allows in the connect, sendmsg,
+    // recvmsg and getpeername programs that call this.
+    unsafe {
+        (*sa).user_ip6[0] = addr[0];
+        (*sa).user_ip6[1] = addr[1];
+        (*sa).user_ip6[2] = addr[2];
+        (*sa).user_ip6[3] = addr[3];
+        (*sa).user_port = ((port as u16).to_be()) as u32;
+    }
 }
 
 #[inline(always)]
@@ -259,53 +261,35 @@ fn orig_of(ctx: &SockAddrContext) -> Option<SockRecord> {
     }
 }
 
-/// A datagram from the DNS listener reads as coming from the resolver the program asked.
-#[cgroup_sock_addr(recvmsg4)]
-pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+/// The resolver a DNS socket asked, when the datagram it receives (whose source `dest`
+/// reads) comes from the sandbox's DNS listener.
+#[inline(always)]
+fn resolver_asked(
+    ctx: &SockAddrContext,
+    dest: impl Fn(&SockAddrContext) -> ([u32; 4], u16),
+) -> Option<SockRecord> {
     // SAFETY: the context pointer is valid for the whole program run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() else {
-        return ALLOW;
-    };
-    let Some(sb) = find_sandbox() else {
-        return ALLOW;
-    };
-    let (addr, port) = dest4(&ctx);
-    if at_listener(&sb, Listener::Dns, true, addr, port) {
-        // SAFETY: whole-field writes, allowed for recvmsg.
-        unsafe {
-            (*ctx.sock_addr).user_ip4 = c.orig.addr[3];
-            (*ctx.sock_addr).user_port = ((c.orig.port as u16).to_be()) as u32;
-        }
+    let c = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied()?;
+    let sb = find_sandbox()?;
+    let (addr, port) = dest(ctx);
+    at_listener(&sb, Listener::Dns, is_v4_mapped(&addr), addr, port).then_some(c.orig)
+}
+
+/// A datagram from the DNS listener reads as coming from the resolver the program asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn egress_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = resolver_asked(&ctx, dest4) {
+        set_dest4(&ctx, orig.addr[3], orig.port);
     }
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let Some(c) = (unsafe { DNS_BY_COOKIE.get(cookie) }).copied() else {
-        return ALLOW;
-    };
-    let Some(sb) = find_sandbox() else {
-        return ALLOW;
-    };
-    let (addr, port) = dest6(&ctx);
-    let mapped = is_v4_mapped(&addr);
-    if at_listener(&sb, Listener::Dns, mapped, addr, port) {
-        let a = c.orig.addr;
-        let sa = ctx.sock_addr;
-        // SAFETY: whole-field writes, allowed for recvmsg.
-        unsafe {
-            (*sa).user_ip6[0] = a[0];
-            (*sa).user_ip6[1] = a[1];
-            (*sa).user_ip6[2] = a[2];
-            (*sa).user_ip6[3] = a[3];
-            (*sa).user_port = ((c.orig.port as u16).to_be()) as u32;
-        }
+    if let Some(orig) = resolver_asked(&ctx, dest6) {
+        set_dest6(&ctx, orig.addr, orig.port);
     }
     ALLOW
 }
@@ -314,12 +298,7 @@ pub fn egress_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
-        let (ip, port) = (orig.addr[3], orig.port);
-        // SAFETY: whole-field writes, allowed for getpeername.
-        unsafe {
-            (*ctx.sock_addr).user_ip4 = ip;
-            (*ctx.sock_addr).user_port = ((port as u16).to_be()) as u32;
-        }
+        set_dest4(&ctx, orig.addr[3], orig.port);
     }
     ALLOW
 }
@@ -327,16 +306,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(orig) = orig_of(&ctx) {
-        let (a, port) = (orig.addr, orig.port);
-        let sa = ctx.sock_addr;
-        // SAFETY: whole-field writes, allowed for getpeername.
-        unsafe {
-            (*sa).user_ip6[0] = a[0];
-            (*sa).user_ip6[1] = a[1];
-            (*sa).user_ip6[2] = a[2];
-            (*sa).user_ip6[3] = a[3];
-            (*sa).user_port = ((port as u16).to_be()) as u32;
-        }
+        set_dest6(&ctx, orig.addr, orig.port);
     }
     ALLOW
 }
