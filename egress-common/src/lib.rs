@@ -1,34 +1,62 @@
-//! Types shared between the eBPF programs and user space.
+//! What the eBPF programs and user space must agree on: map and program names,
+//! map capacities, the constants, flags, event kinds and counter slots both sides use, and
+//! the `#[repr(C)]` types stored in the maps (`aya::Pod` for them behind the `user` feature).
 //!
-//! Everything here is `#[repr(C)]`, built from `u32`/`u8` only and free of padding, so the
-//! kernel and user space agree on the layout byte for byte. Addresses are kept in network byte
-//! order exactly as the kernel hands them over; ports are kept in host byte order.
+//! Each of those types is `#[repr(C)]` and made of `u64`, `u32` and `u8` fields (or arrays
+//! and structs of them), with any padding spelled out as a `_pad` field, so both sides lay
+//! it out byte for byte alike; the size assertions below fail the build of either side when
+//! a layout drifts. Addresses are in network byte order, and a field that holds either
+//! family stores IPv4 as `::ffff:a.b.c.d`. Ports are in host byte order, except in the LPM
+//! trie keys ([`Allow4`], [`Allow6`]), whose sandbox id and port are big-endian so that the
+//! prefix covers them.
 #![no_std]
 
-/// Map names, shared so that user space cannot look up a map the kernel side renamed.
+/// Map names, shared so that user space cannot look up a map the kernel side renamed, and
+/// map capacities.
 pub mod maps {
     /// cgroup id -> [`super::Sandbox`]. Only sockets whose cgroup is, or descends from, a key
     /// here are acted on.
     pub const SANDBOXES: &str = "SANDBOXES";
+    /// Capacity of [`SANDBOXES`]: sandboxes registered at once, nested ones included.
+    pub const SANDBOXES_MAX_ENTRIES: u32 = 4096;
     /// [`super::PortKey`] -> 1 for every TCP port that a sandbox redirects to its listener.
     pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
+    /// Capacity of [`INTERCEPT_PORTS`], over all sandboxes.
+    pub const INTERCEPT_PORTS_MAX_ENTRIES: u32 = 16384;
     /// LPM trie of [`super::Allow4`]: IPv4 CIDR:port pairs a sandbox may reach directly.
     pub const ALLOW4: &str = "ALLOW4";
+    /// Capacity of [`ALLOW4`], over all sandboxes.
+    pub const ALLOW4_MAX_ENTRIES: u32 = 16384;
     /// LPM trie of [`super::Allow6`]: IPv6 CIDR:port pairs a sandbox may reach directly.
     pub const ALLOW6: &str = "ALLOW6";
+    /// Capacity of [`ALLOW6`], over all sandboxes.
+    pub const ALLOW6_MAX_ENTRIES: u32 = 16384;
     /// socket cookie -> [`super::SockRecord`], written by connect4/6 before the rewrite.
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    /// Capacity of [`ORIG_BY_COOKIE`] (LRU: the oldest entries make way).
+    pub const ORIG_BY_COOKIE_MAX_ENTRIES: u32 = 65536;
     /// [`super::SockKey`] -> [`super::SockRecord`], written by sockops once the 4-tuple exists.
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
-    /// Ring buffer of [`super::Event`]s: connects and sends the kernel refused.
+    /// Capacity of [`ORIG_BY_TUPLE`] (LRU).
+    pub const ORIG_BY_TUPLE_MAX_ENTRIES: u32 = 65536;
+    /// Ring buffer of [`super::Event`]s: what the kernel side refused (connects, sends,
+    /// sockets, datagrams to port 0) or failed to record.
     pub const EVENTS: &str = "EVENTS";
-    /// Per-CPU array of `u64` counters indexed by [`super::Counter`].
+    /// Size of [`EVENTS`] in bytes: a power of two and a whole number of pages, as the kernel
+    /// requires.
+    pub const EVENTS_BYTE_SIZE: u32 = 256 * 1024;
+    /// Per-CPU array of `u64` counters indexed by [`super::Counter`], [`super::COUNTER_SLOTS`]
+    /// of them.
     pub const COUNTERS: &str = "COUNTERS";
     /// socket cookie -> [`super::DnsClient`]: a UDP socket that sent to port 53, and where to.
     pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
+    /// Capacity of [`DNS_BY_COOKIE`] (LRU).
+    pub const DNS_BY_COOKIE_MAX_ENTRIES: u32 = 65536;
     /// [`super::DnsPeerKey`] -> [`super::SockRecord`]: who is behind a query the DNS listener
     /// received, written by the cgroup_skb program as the datagram leaves the sandbox.
     pub const DNS_PEERS: &str = "DNS_PEERS";
+    /// Capacity of [`DNS_PEERS`] (LRU).
+    pub const DNS_PEERS_MAX_ENTRIES: u32 = 65536;
 }
 
 /// Program names as they appear in the object file.
@@ -253,10 +281,26 @@ pub const fn is_v4_mapped(addr: &[u32; 4]) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffff_u32.to_be()
 }
 
+// The layouts both sides depend on, checked whenever either side builds: a field added,
+// removed, resized or left to implicit padding changes a size here.
+const _: () = assert!(size_of::<Sandbox>() == 12 * 4);
+const _: () = assert!(size_of::<PortKey>() == 8);
+const _: () = assert!(size_of::<Allow4>() == 12);
+const _: () = assert!(size_of::<Allow6>() == 24);
+const _: () = assert!(size_of::<SockRecord>() == 8 * 4 + 16);
+const _: () = assert!(size_of::<SockKey>() == 48);
+const _: () = assert!(size_of::<DnsPeerKey>() == 32);
+const _: () = assert!(size_of::<DnsClient>() == 8 * 4 + 16 + 8 + 32);
+const _: () = assert!(size_of::<Event>() == 10 * 4 + 16);
+// The kernel refuses a ring buffer whose size is not a power of two and a whole number of
+// pages; a power of two of at least one page is both (pages are 4 KiB on x86-64).
+const _: () = assert!(maps::EVENTS_BYTE_SIZE.is_power_of_two() && maps::EVENTS_BYTE_SIZE >= 4096);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: each type is #[repr(C)], made of u32/u8 fields only, with no padding, so every
-    // bit pattern is a valid value.
+    // SAFETY: each type is #[repr(C)], made of integer fields (and arrays and structs of
+    // them) with no implicit padding (see the size assertions above), so every bit pattern
+    // is a valid value.
     unsafe impl aya::Pod for super::Sandbox {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PortKey {}
@@ -279,20 +323,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
-
-    #[test]
-    fn layouts_have_no_padding() {
-        assert_eq!(size_of::<Sandbox>(), 12 * 4);
-        assert_eq!(size_of::<DnsClient>(), 8 * 4 + 16 + 8 + 32);
-        assert_eq!(size_of::<DnsPeerKey>(), 32);
-        assert_eq!(size_of::<PortKey>(), 8);
-        assert_eq!(size_of::<Allow4>(), 12);
-        assert_eq!(size_of::<Allow6>(), 24);
-        assert_eq!(size_of::<SockRecord>(), 8 * 4 + 16);
-        assert_eq!(size_of::<SockKey>(), 48);
-        assert_eq!(size_of::<Event>(), 10 * 4 + 16);
-    }
 
     #[test]
     fn v4_mapping_round_trips() {
