@@ -562,6 +562,105 @@ mod tests {
         assert_eq!(dropped, 10, "every lost record is counted");
     }
 
+    /// One record of each kind (and a connection refused before sniffing, whose `tls` is
+    /// unset), with every field set to something recognisable.
+    fn one_of_each() -> [Record; 5] {
+        let ts = || "2026-01-02T03:04:05.678Z".to_owned();
+        [
+            Record::Request(RequestRecord {
+                ts: ts(),
+                sandbox: "agent".into(),
+                pid: 42,
+                comm: "curl".into(),
+                client: "10.0.0.2:40000".into(),
+                orig_dst: "203.0.113.9:443".into(),
+                sni: Some("api.example".into()),
+                host: "api.example".into(),
+                method: "POST".into(),
+                path: "/v1?<redacted>".into(),
+                status: 403,
+                bytes_up: 10,
+                bytes_down: 90,
+                duration_ms: 3,
+                decision: Decision::Deny,
+                rule: "api.example".into(),
+                reason: Some("host is not in the allowlist".into()),
+                tls: "mitm",
+                error: None,
+            }),
+            Record::Connection(ConnectionRecord {
+                ts: ts(),
+                sandbox: "agent".into(),
+                pid: 42,
+                comm: "curl".into(),
+                client: "10.0.0.2:40001".into(),
+                orig_dst: "203.0.113.9:443".into(),
+                sni: Some("p.example".into()),
+                decision: Decision::Passthrough,
+                rule: "p.example".into(),
+                reason: None,
+                tls: "passthrough",
+                bytes_up: 517,
+                bytes_down: 4096,
+                duration_ms: 20,
+                error: Some("connection reset".into()),
+            }),
+            Record::Connection(ConnectionRecord {
+                ts: ts(),
+                decision: Decision::Deny,
+                reason: Some("neither TLS nor HTTP".into()),
+                ..Default::default()
+            }),
+            Record::KernelDeny(KernelRecord {
+                ts: ts(),
+                sandbox: "agent".into(),
+                pid: 42,
+                comm: "nc".into(),
+                protocol: "udp".into(),
+                dst: "192.0.2.1:9".into(),
+                decision: Decision::Deny,
+                reason: "udp refused",
+            }),
+            Record::Dns(DnsRecord {
+                ts: ts(),
+                sandbox: "agent".into(),
+                pid: 42,
+                comm: "dig".into(),
+                client: "10.0.0.2:53000".into(),
+                resolver: "1.1.1.1:53".into(),
+                transport: "udp",
+                name: "x.example".into(),
+                qtype: "A".into(),
+                decision: Decision::Warn,
+                rule: "*.example".into(),
+                rcode: "NOERROR".into(),
+                answers: vec!["192.0.2.7".into(), "2001:db8::7".into()],
+                reason: Some("not allowed".into()),
+                suspect: Some(crate::dns::tunnel::Suspicion::HighEntropy),
+                duration_ms: 4,
+                error: None,
+            }),
+        ]
+    }
+
+    /// The audit log is read by other programs: field names, order and spelling are an
+    /// interface. These lines are what the records serialised to before their types were
+    /// reshaped (shared `Who`, enums for decision and TLS mode); they must not change.
+    #[test]
+    fn records_serialise_byte_for_byte_as_before() {
+        const EXPECTED: [&str; 5] = [
+            r#"{"event":"request","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"curl","client":"10.0.0.2:40000","orig_dst":"203.0.113.9:443","sni":"api.example","host":"api.example","method":"POST","path":"/v1?<redacted>","status":403,"bytes_up":10,"bytes_down":90,"duration_ms":3,"decision":"deny","rule":"api.example","reason":"host is not in the allowlist","tls":"mitm","error":null}"#,
+            r#"{"event":"connection","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"curl","client":"10.0.0.2:40001","orig_dst":"203.0.113.9:443","sni":"p.example","decision":"passthrough","rule":"p.example","reason":null,"tls":"passthrough","bytes_up":517,"bytes_down":4096,"duration_ms":20,"error":"connection reset"}"#,
+            r#"{"event":"connection","ts":"2026-01-02T03:04:05.678Z","sandbox":"","pid":0,"comm":"","client":"","orig_dst":"","sni":null,"decision":"deny","rule":"","reason":"neither TLS nor HTTP","tls":"","bytes_up":0,"bytes_down":0,"duration_ms":0,"error":null}"#,
+            r#"{"event":"kernel_deny","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"nc","protocol":"udp","dst":"192.0.2.1:9","decision":"deny","reason":"udp refused"}"#,
+            r#"{"event":"dns","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"dig","client":"10.0.0.2:53000","resolver":"1.1.1.1:53","transport":"udp","name":"x.example","qtype":"A","decision":"warn","rule":"*.example","rcode":"NOERROR","answers":["192.0.2.7","2001:db8::7"],"reason":"not allowed","suspect":"high-entropy","duration_ms":4,"error":null}"#,
+        ];
+        for (rec, want) in one_of_each().iter().zip(EXPECTED) {
+            let got = serde_json::to_string(rec).expect("a record serialises");
+            assert_eq!(got, want, "the audit line of {rec:?} changed");
+        }
+    }
+
     #[test]
     fn queries_are_redacted_by_default() {
         assert_eq!(redact_path("/a?token=x", false), "/a?<redacted>");
