@@ -81,6 +81,28 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// When, and which sandbox and process: the first fields of every record, flattened into it
+/// so that the line reads as it did when each record spelled them out.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Who {
+    pub ts: String,
+    pub sandbox: String,
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl Who {
+    /// Stamped with the current time.
+    pub fn now(sandbox: String, pid: u32, comm: String) -> Self {
+        Who {
+            ts: now(),
+            sandbox,
+            pid,
+            comm,
+        }
+    }
+}
+
 /// One audit record. Every variant carries who (sandbox, pid, comm) and where.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -93,10 +115,8 @@ pub enum Record {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RequestRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     pub client: String,
     pub orig_dst: String,
     pub sni: Option<String>,
@@ -119,10 +139,8 @@ pub struct RequestRecord {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ConnectionRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     pub client: String,
     pub orig_dst: String,
     pub sni: Option<String>,
@@ -139,10 +157,8 @@ pub struct ConnectionRecord {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KernelRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     /// tcp, udp or the protocol number.
     pub protocol: String,
     pub dst: String,
@@ -153,10 +169,8 @@ pub struct KernelRecord {
 /// One DNS query a sandbox sent, and what egress did with it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DnsRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     pub client: String,
     /// The resolver the program addressed (the kernel sent the query to egress instead).
     pub resolver: String,
@@ -458,7 +472,10 @@ mod tests {
 
     fn req(i: u64) -> Record {
         Record::Request(RequestRecord {
-            ts: now(),
+            who: Who {
+                ts: now(),
+                ..Default::default()
+            },
             host: format!("h{i}.example"),
             status: 200,
             decision: Decision::Allow,
@@ -566,12 +583,15 @@ mod tests {
     /// unset), with every field set to something recognisable.
     fn one_of_each() -> [Record; 5] {
         let ts = || "2026-01-02T03:04:05.678Z".to_owned();
+        let who = |comm: &str| Who {
+            ts: ts(),
+            sandbox: "agent".into(),
+            pid: 42,
+            comm: comm.into(),
+        };
         [
             Record::Request(RequestRecord {
-                ts: ts(),
-                sandbox: "agent".into(),
-                pid: 42,
-                comm: "curl".into(),
+                who: who("curl"),
                 client: "10.0.0.2:40000".into(),
                 orig_dst: "203.0.113.9:443".into(),
                 sni: Some("api.example".into()),
@@ -589,10 +609,7 @@ mod tests {
                 error: None,
             }),
             Record::Connection(ConnectionRecord {
-                ts: ts(),
-                sandbox: "agent".into(),
-                pid: 42,
-                comm: "curl".into(),
+                who: who("curl"),
                 client: "10.0.0.2:40001".into(),
                 orig_dst: "203.0.113.9:443".into(),
                 sni: Some("p.example".into()),
@@ -606,26 +623,23 @@ mod tests {
                 error: Some("connection reset".into()),
             }),
             Record::Connection(ConnectionRecord {
-                ts: ts(),
+                who: Who {
+                    ts: ts(),
+                    ..Default::default()
+                },
                 decision: Decision::Deny,
                 reason: Some("neither TLS nor HTTP".into()),
                 ..Default::default()
             }),
             Record::KernelDeny(KernelRecord {
-                ts: ts(),
-                sandbox: "agent".into(),
-                pid: 42,
-                comm: "nc".into(),
+                who: who("nc"),
                 protocol: "udp".into(),
                 dst: "192.0.2.1:9".into(),
                 decision: Decision::Deny,
                 reason: "udp refused",
             }),
             Record::Dns(DnsRecord {
-                ts: ts(),
-                sandbox: "agent".into(),
-                pid: 42,
-                comm: "dig".into(),
+                who: who("dig"),
                 client: "10.0.0.2:53000".into(),
                 resolver: "1.1.1.1:53".into(),
                 transport: "udp",

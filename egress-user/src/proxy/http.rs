@@ -181,10 +181,7 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         .unwrap_or("/")
         .to_owned();
     let record = RequestRecord {
-        ts: audit::now(),
-        sandbox: sb.name.clone(),
-        pid: meta.pid,
-        comm: meta.comm.clone(),
+        who: conn.conn.who(),
         client: meta.client.to_string(),
         orig_dst: meta.orig_dst.to_string(),
         sni: conn.sni.clone(),
