@@ -81,6 +81,41 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// How a connection's TLS was handled. Serialised lowercase, like [`Decision`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Not known: the connection was refused before its first bytes told TLS from HTTP.
+    /// Written as an empty string, as the log always has.
+    #[default]
+    #[serde(rename = "")]
+    Unknown,
+    /// Terminated with a minted leaf and served as HTTP.
+    Mitm,
+    /// Plain HTTP.
+    Plain,
+    /// Spliced without decryption.
+    Passthrough,
+}
+
+impl TlsMode {
+    pub const ALL: [TlsMode; 4] = [
+        TlsMode::Unknown,
+        TlsMode::Mitm,
+        TlsMode::Plain,
+        TlsMode::Passthrough,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Unknown => "",
+            TlsMode::Mitm => "mitm",
+            TlsMode::Plain => "plain",
+            TlsMode::Passthrough => "passthrough",
+        }
+    }
+}
+
 /// When, and which sandbox and process: the first fields of every record, flattened into it
 /// so that the line reads as it did when each record spelled them out.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -133,7 +168,7 @@ pub struct RequestRecord {
     pub rule: String,
     pub reason: Option<String>,
     /// mitm or plain.
-    pub tls: &'static str,
+    pub tls: TlsMode,
     pub error: Option<String>,
 }
 
@@ -148,7 +183,8 @@ pub struct ConnectionRecord {
     pub decision: Decision,
     pub rule: String,
     pub reason: Option<String>,
-    pub tls: &'static str,
+    /// passthrough, or unknown when refused before sniffing.
+    pub tls: TlsMode,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
@@ -479,7 +515,7 @@ mod tests {
             host: format!("h{i}.example"),
             status: 200,
             decision: Decision::Allow,
-            tls: "mitm",
+            tls: TlsMode::Mitm,
             ..Default::default()
         })
     }
@@ -605,7 +641,7 @@ mod tests {
                 decision: Decision::Deny,
                 rule: "api.example".into(),
                 reason: Some("host is not in the allowlist".into()),
-                tls: "mitm",
+                tls: TlsMode::Mitm,
                 error: None,
             }),
             Record::Connection(ConnectionRecord {
@@ -616,7 +652,7 @@ mod tests {
                 decision: Decision::Passthrough,
                 rule: "p.example".into(),
                 reason: None,
-                tls: "passthrough",
+                tls: TlsMode::Passthrough,
                 bytes_up: 517,
                 bytes_down: 4096,
                 duration_ms: 20,
@@ -673,6 +709,23 @@ mod tests {
             let got = serde_json::to_string(rec).expect("a record serialises");
             assert_eq!(got, want, "the audit line of {rec:?} changed");
         }
+    }
+
+    /// Log lines, headers and metrics use `as_str`, the audit log serde: they must agree.
+    pub(crate) fn assert_spelled_alike<T: Serialize + Copy + std::fmt::Debug>(
+        all: &[T],
+        as_str: fn(T) -> &'static str,
+    ) {
+        for &v in all {
+            let json = serde_json::to_string(&v).expect("an enum serialises");
+            assert_eq!(json, format!("\"{}\"", as_str(v)), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn decisions_and_tls_modes_are_spelled_alike_by_as_str_and_serde() {
+        assert_spelled_alike(&Decision::ALL, Decision::as_str);
+        assert_spelled_alike(&TlsMode::ALL, TlsMode::as_str);
     }
 
     #[test]

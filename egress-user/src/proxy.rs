@@ -31,7 +31,7 @@ use tracing::{info_span, warn, Instrument as _};
 
 use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
-    audit::{ConnectionRecord, Decision, Record, Who},
+    audit::{ConnectionRecord, Decision, Record, TlsMode, Who},
     netns,
     policy::HostDecision,
     state::{ListenStats, SandboxState, Shared},
@@ -213,7 +213,7 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
                 comm = %meta.comm,
                 client = %meta.client,
                 orig_dst = %meta.orig_dst,
-                decision = "deny",
+                decision = Decision::Deny.as_str(),
                 reason,
                 "connection refused"
             );
@@ -247,7 +247,7 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
                             decision: Decision::Deny,
                             rule,
                             reason: Some(reason),
-                            tls: "passthrough",
+                            tls: TlsMode::Passthrough,
                             ..Default::default()
                         });
                         return;

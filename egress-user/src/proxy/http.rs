@@ -29,7 +29,7 @@ use super::{
     Conn,
 };
 use crate::{
-    audit::{self, Decision, Record, RequestRecord},
+    audit::{self, Decision, Record, RequestRecord, TlsMode},
     policy::normalize_host,
     secrets,
 };
@@ -188,7 +188,11 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
         host: host.clone(),
         method: req.method().to_string(),
         path: audit::redact_path(&path_and_query, shared.audit_query),
-        tls: if conn.tls { "mitm" } else { "plain" },
+        tls: if conn.tls {
+            TlsMode::Mitm
+        } else {
+            TlsMode::Plain
+        },
         ..Default::default()
     };
     let bytes_up = Arc::new(AtomicU64::new(0));
@@ -215,7 +219,7 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
             status = rec.status,
             decision = %rec.decision,
             rule = %rec.rule,
-            tls = rec.tls,
+            tls = rec.tls.as_str(),
             duration_ms = start.elapsed().as_millis() as u64,
             error = rec.error.as_deref().or(rec.reason.as_deref()).unwrap_or(""),
             "request"
