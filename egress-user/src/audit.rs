@@ -502,6 +502,19 @@ fn rotate(path: &Path, keep: usize) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+/// Log lines, headers and metrics use an enum's `as_str`, the audit log serde: they must
+/// agree on every variant.
+#[cfg(test)]
+pub(crate) fn assert_spelled_alike<T: Serialize + Copy + std::fmt::Debug>(
+    all: &[T],
+    as_str: fn(T) -> &'static str,
+) {
+    for &v in all {
+        let json = serde_json::to_string(&v).expect("an enum serialises");
+        assert_eq!(json, format!("\"{}\"", as_str(v)), "{v:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -708,17 +721,6 @@ mod tests {
         for (rec, want) in one_of_each().iter().zip(EXPECTED) {
             let got = serde_json::to_string(rec).expect("a record serialises");
             assert_eq!(got, want, "the audit line of {rec:?} changed");
-        }
-    }
-
-    /// Log lines, headers and metrics use `as_str`, the audit log serde: they must agree.
-    pub(crate) fn assert_spelled_alike<T: Serialize + Copy + std::fmt::Debug>(
-        all: &[T],
-        as_str: fn(T) -> &'static str,
-    ) {
-        for &v in all {
-            let json = serde_json::to_string(&v).expect("an enum serialises");
-            assert_eq!(json, format!("\"{}\"", as_str(v)), "{v:?}");
         }
     }
 

@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::{
-    decide,
+    decide::{self, DenyCode},
     metered::{Counted, Reported},
     upstream::{Body, BoxError, PoolKey},
     Conn,
@@ -82,7 +82,7 @@ fn full(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// The 403 a refused request gets: JSON naming the host and why, plus `X-Egress-Denied`.
-pub fn denied(host: &str, reason: &str, code: &'static str) -> Response<Body> {
+pub fn denied(host: &str, reason: &str, code: DenyCode) -> Response<Body> {
     let body = serde_json::json!({ "error": "egress_denied", "host": host, "reason": reason });
     let mut r = full(
         StatusCode::FORBIDDEN,
@@ -90,7 +90,7 @@ pub fn denied(host: &str, reason: &str, code: &'static str) -> Response<Body> {
         format!("{body}\n"),
     );
     r.headers_mut()
-        .insert("x-egress-denied", HeaderValue::from_static(code));
+        .insert("x-egress-denied", HeaderValue::from_static(code.as_str()));
     r
 }
 
@@ -259,7 +259,7 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
     );
     if verdict.denied() {
         let reason = verdict.reason.clone().unwrap_or_default();
-        let shown = if verdict.code == "host-not-allowed" || verdict.code == "doh" {
+        let shown = if matches!(verdict.code, Some(DenyCode::HostNotAllowed | DenyCode::Doh)) {
             conn.sni.as_deref().unwrap_or(&host)
         } else {
             &host
@@ -271,7 +271,9 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
             error: None,
         };
         drain_refused_body(req.into_body()).await;
-        return finish(denied(shown, &reason, verdict.code), out);
+        // decide gives every refusal a code; the fallback only keeps a slip there a 403.
+        let code = verdict.code.unwrap_or(DenyCode::Policy);
+        return finish(denied(shown, &reason, code), out);
     }
     let rule = verdict.rule.clone();
     let outcome = || Outcome {
@@ -305,12 +307,15 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
             Err(secrets::ApplyError::Violation(v)) => {
                 let reason = v.to_string();
                 let out = Outcome::deny(&reason);
-                return finish(denied(&host, &reason, "secret-not-authorized"), out);
+                return finish(denied(&host, &reason, DenyCode::SecretNotAuthorized), out);
             }
             Err(e) => {
                 let reason = e.to_string();
                 let out = Outcome::deny(&reason);
-                return finish(denied(&host, &reason, "secret-substitution-failed"), out);
+                return finish(
+                    denied(&host, &reason, DenyCode::SecretSubstitutionFailed),
+                    out,
+                );
             }
         }
         if plan.rewrites_body() {
@@ -350,7 +355,7 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
             if let Some(v) = violation.as_ref().and_then(|h| h.get()) {
                 let reason = v.to_string();
                 let out = Outcome::deny(&reason);
-                return finish(denied(&host, &reason, "secret-not-authorized"), out);
+                return finish(denied(&host, &reason, DenyCode::SecretNotAuthorized), out);
             }
             let mut out = outcome();
             out.error = Some(crate::error_chain(&e));
