@@ -81,6 +81,63 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// How a connection's TLS was handled. Serialised lowercase, like [`Decision`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Not known: the connection was refused before its first bytes told TLS from HTTP.
+    /// Written as an empty string, as the log always has.
+    #[default]
+    #[serde(rename = "")]
+    Unknown,
+    /// Terminated with a minted leaf and served as HTTP.
+    Mitm,
+    /// Plain HTTP.
+    Plain,
+    /// Spliced without decryption.
+    Passthrough,
+}
+
+impl TlsMode {
+    pub const ALL: [TlsMode; 4] = [
+        TlsMode::Unknown,
+        TlsMode::Mitm,
+        TlsMode::Plain,
+        TlsMode::Passthrough,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Unknown => "",
+            TlsMode::Mitm => "mitm",
+            TlsMode::Plain => "plain",
+            TlsMode::Passthrough => "passthrough",
+        }
+    }
+}
+
+/// When, and which sandbox and process: the first fields of every record, flattened into it
+/// so that the line reads as it did when each record spelled them out.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Who {
+    pub ts: String,
+    pub sandbox: String,
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl Who {
+    /// Stamped with the current time.
+    pub fn now(sandbox: String, pid: u32, comm: String) -> Self {
+        Who {
+            ts: now(),
+            sandbox,
+            pid,
+            comm,
+        }
+    }
+}
+
 /// One audit record. Every variant carries who (sandbox, pid, comm) and where.
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -93,10 +150,8 @@ pub enum Record {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RequestRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     pub client: String,
     pub orig_dst: String,
     pub sni: Option<String>,
@@ -113,16 +168,14 @@ pub struct RequestRecord {
     pub rule: String,
     pub reason: Option<String>,
     /// mitm or plain.
-    pub tls: &'static str,
+    pub tls: TlsMode,
     pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ConnectionRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     pub client: String,
     pub orig_dst: String,
     pub sni: Option<String>,
@@ -130,7 +183,8 @@ pub struct ConnectionRecord {
     pub decision: Decision,
     pub rule: String,
     pub reason: Option<String>,
-    pub tls: &'static str,
+    /// passthrough, or unknown when refused before sniffing.
+    pub tls: TlsMode,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
@@ -139,10 +193,8 @@ pub struct ConnectionRecord {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct KernelRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     /// tcp, udp or the protocol number.
     pub protocol: String,
     pub dst: String,
@@ -153,10 +205,8 @@ pub struct KernelRecord {
 /// One DNS query a sandbox sent, and what egress did with it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DnsRecord {
-    pub ts: String,
-    pub sandbox: String,
-    pub pid: u32,
-    pub comm: String,
+    #[serde(flatten)]
+    pub who: Who,
     pub client: String,
     /// The resolver the program addressed (the kernel sent the query to egress instead).
     pub resolver: String,
@@ -452,17 +502,33 @@ fn rotate(path: &Path, keep: usize) -> io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
+/// Log lines, headers and metrics use an enum's `as_str`, the audit log serde: they must
+/// agree on every variant.
+#[cfg(test)]
+pub(crate) fn assert_spelled_alike<T: Serialize + Copy + std::fmt::Debug>(
+    all: &[T],
+    as_str: fn(T) -> &'static str,
+) {
+    for &v in all {
+        let json = serde_json::to_string(&v).expect("an enum serialises");
+        assert_eq!(json, format!("\"{}\"", as_str(v)), "{v:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn req(i: u64) -> Record {
         Record::Request(RequestRecord {
-            ts: now(),
+            who: Who {
+                ts: now(),
+                ..Default::default()
+            },
             host: format!("h{i}.example"),
             status: 200,
             decision: Decision::Allow,
-            tls: "mitm",
+            tls: TlsMode::Mitm,
             ..Default::default()
         })
     }
@@ -560,6 +626,108 @@ mod tests {
         }
         let dropped = audit.close(w);
         assert_eq!(dropped, 10, "every lost record is counted");
+    }
+
+    /// One record of each kind (and a connection refused before sniffing, whose `tls` is
+    /// unset), with every field set to something recognisable.
+    fn one_of_each() -> [Record; 5] {
+        let ts = || "2026-01-02T03:04:05.678Z".to_owned();
+        let who = |comm: &str| Who {
+            ts: ts(),
+            sandbox: "agent".into(),
+            pid: 42,
+            comm: comm.into(),
+        };
+        [
+            Record::Request(RequestRecord {
+                who: who("curl"),
+                client: "10.0.0.2:40000".into(),
+                orig_dst: "203.0.113.9:443".into(),
+                sni: Some("api.example".into()),
+                host: "api.example".into(),
+                method: "POST".into(),
+                path: "/v1?<redacted>".into(),
+                status: 403,
+                bytes_up: 10,
+                bytes_down: 90,
+                duration_ms: 3,
+                decision: Decision::Deny,
+                rule: "api.example".into(),
+                reason: Some("host is not in the allowlist".into()),
+                tls: TlsMode::Mitm,
+                error: None,
+            }),
+            Record::Connection(ConnectionRecord {
+                who: who("curl"),
+                client: "10.0.0.2:40001".into(),
+                orig_dst: "203.0.113.9:443".into(),
+                sni: Some("p.example".into()),
+                decision: Decision::Passthrough,
+                rule: "p.example".into(),
+                reason: None,
+                tls: TlsMode::Passthrough,
+                bytes_up: 517,
+                bytes_down: 4096,
+                duration_ms: 20,
+                error: Some("connection reset".into()),
+            }),
+            Record::Connection(ConnectionRecord {
+                who: Who {
+                    ts: ts(),
+                    ..Default::default()
+                },
+                decision: Decision::Deny,
+                reason: Some("neither TLS nor HTTP".into()),
+                ..Default::default()
+            }),
+            Record::KernelDeny(KernelRecord {
+                who: who("nc"),
+                protocol: "udp".into(),
+                dst: "192.0.2.1:9".into(),
+                decision: Decision::Deny,
+                reason: "udp refused",
+            }),
+            Record::Dns(DnsRecord {
+                who: who("dig"),
+                client: "10.0.0.2:53000".into(),
+                resolver: "1.1.1.1:53".into(),
+                transport: "udp",
+                name: "x.example".into(),
+                qtype: "A".into(),
+                decision: Decision::Warn,
+                rule: "*.example".into(),
+                rcode: "NOERROR".into(),
+                answers: vec!["192.0.2.7".into(), "2001:db8::7".into()],
+                reason: Some("not allowed".into()),
+                suspect: Some(crate::dns::tunnel::Suspicion::HighEntropy),
+                duration_ms: 4,
+                error: None,
+            }),
+        ]
+    }
+
+    /// The audit log is read by other programs: field names, order and spelling are an
+    /// interface. These lines are what the records serialised to before their types were
+    /// reshaped (shared `Who`, enums for decision and TLS mode); they must not change.
+    #[test]
+    fn records_serialise_byte_for_byte_as_before() {
+        const EXPECTED: [&str; 5] = [
+            r#"{"event":"request","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"curl","client":"10.0.0.2:40000","orig_dst":"203.0.113.9:443","sni":"api.example","host":"api.example","method":"POST","path":"/v1?<redacted>","status":403,"bytes_up":10,"bytes_down":90,"duration_ms":3,"decision":"deny","rule":"api.example","reason":"host is not in the allowlist","tls":"mitm","error":null}"#,
+            r#"{"event":"connection","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"curl","client":"10.0.0.2:40001","orig_dst":"203.0.113.9:443","sni":"p.example","decision":"passthrough","rule":"p.example","reason":null,"tls":"passthrough","bytes_up":517,"bytes_down":4096,"duration_ms":20,"error":"connection reset"}"#,
+            r#"{"event":"connection","ts":"2026-01-02T03:04:05.678Z","sandbox":"","pid":0,"comm":"","client":"","orig_dst":"","sni":null,"decision":"deny","rule":"","reason":"neither TLS nor HTTP","tls":"","bytes_up":0,"bytes_down":0,"duration_ms":0,"error":null}"#,
+            r#"{"event":"kernel_deny","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"nc","protocol":"udp","dst":"192.0.2.1:9","decision":"deny","reason":"udp refused"}"#,
+            r#"{"event":"dns","ts":"2026-01-02T03:04:05.678Z","sandbox":"agent","pid":42,"comm":"dig","client":"10.0.0.2:53000","resolver":"1.1.1.1:53","transport":"udp","name":"x.example","qtype":"A","decision":"warn","rule":"*.example","rcode":"NOERROR","answers":["192.0.2.7","2001:db8::7"],"reason":"not allowed","suspect":"high-entropy","duration_ms":4,"error":null}"#,
+        ];
+        for (rec, want) in one_of_each().iter().zip(EXPECTED) {
+            let got = serde_json::to_string(rec).expect("a record serialises");
+            assert_eq!(got, want, "the audit line of {rec:?} changed");
+        }
+    }
+
+    #[test]
+    fn decisions_and_tls_modes_are_spelled_alike_by_as_str_and_serde() {
+        assert_spelled_alike(&Decision::ALL, Decision::as_str);
+        assert_spelled_alike(&TlsMode::ALL, TlsMode::as_str);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::{
     addr::{self, ClientAddr, ListenAddr},
-    audit::{Decision, DnsRecord, Record},
+    audit::{Decision, DnsRecord, Record, Who},
     netns,
     policy::{HostDecision, Mode},
     records,
@@ -288,9 +288,9 @@ async fn answer(shared: &Shared, who: &Asker, raw: &[u8]) -> Option<Vec<u8>> {
         rec.duration_ms = start.elapsed().as_millis() as u64;
         sb.counters.dns.add(rec.decision);
         debug!(
-            sandbox = %rec.sandbox,
-            pid = rec.pid,
-            comm = %rec.comm,
+            sandbox = %rec.who.sandbox,
+            pid = rec.who.pid,
+            comm = %rec.who.comm,
             name = %rec.name,
             qtype = %rec.qtype,
             decision = %rec.decision,
@@ -300,10 +300,7 @@ async fn answer(shared: &Shared, who: &Asker, raw: &[u8]) -> Option<Vec<u8>> {
         shared.audit.record(&Record::Dns(rec));
     };
     let mut rec = DnsRecord {
-        ts: crate::audit::now(),
-        sandbox: sb.name.clone(),
-        pid: who.pid,
-        comm: who.comm.clone(),
+        who: Who::now(sb.name.clone(), who.pid, who.comm.clone()),
         client: who.client.to_string(),
         resolver: who.resolver.clone(),
         transport: who.transport,
@@ -399,7 +396,10 @@ async fn answer(shared: &Shared, who: &Asker, raw: &[u8]) -> Option<Vec<u8>> {
 /// The audit record of a query or connection refused for lack of a kernel record.
 fn audit_unknown(shared: &Shared, client: ClientAddr, transport: &'static str) {
     shared.audit.record(&Record::Dns(DnsRecord {
-        ts: crate::audit::now(),
+        who: Who {
+            ts: crate::audit::now(),
+            ..Default::default()
+        },
         client: client.to_string(),
         transport,
         decision: Decision::Deny,

@@ -9,7 +9,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     addr,
-    audit::{Decision, KernelRecord, Record},
+    audit::{Decision, KernelRecord, Record, Who},
     state::Shared,
 };
 
@@ -97,10 +97,11 @@ fn drain(ring: &mut RingBuf<MapData>, shared: &Shared) {
                     sb.counters.kernel_denies.add(ev.protocol);
                 }
                 shared.audit.record(&Record::KernelDeny(KernelRecord {
-                    ts: crate::audit::now(),
-                    sandbox: shared.registry.name(ev.sandbox),
-                    pid: ev.tgid,
-                    comm: addr::comm(&ev.comm),
+                    who: Who::now(
+                        shared.registry.name(ev.sandbox),
+                        ev.tgid,
+                        addr::comm(&ev.comm),
+                    ),
                     protocol: protocol_name(ev.protocol),
                     // Refused at creation: there is no destination yet.
                     dst: if ev.kind == EventKind::DenySocket as u32 {

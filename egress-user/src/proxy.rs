@@ -31,7 +31,7 @@ use tracing::{info_span, warn, Instrument as _};
 
 use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
-    audit::{ConnectionRecord, Decision, Record},
+    audit::{ConnectionRecord, Decision, Record, TlsMode, Who},
     netns,
     policy::HostDecision,
     state::{ListenStats, SandboxState, Shared},
@@ -58,6 +58,15 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Who made this connection, stamped now, for its audit records.
+    pub fn who(&self) -> Who {
+        Who::now(
+            self.sandbox.name.clone(),
+            self.meta.pid,
+            self.meta.comm.clone(),
+        )
+    }
+
     /// Records a connection-level outcome (passthrough, refused).
     pub fn audit_connection(&self, rec: ConnectionRecord) {
         let meta = &self.meta;
@@ -65,10 +74,7 @@ impl Conn {
         self.shared
             .audit
             .record(&Record::Connection(ConnectionRecord {
-                ts: crate::audit::now(),
-                sandbox: self.sandbox.name.clone(),
-                pid: meta.pid,
-                comm: meta.comm.clone(),
+                who: self.who(),
                 client: meta.client.to_string(),
                 orig_dst: meta.orig_dst.to_string(),
                 ..rec
@@ -207,7 +213,7 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
                 comm = %meta.comm,
                 client = %meta.client,
                 orig_dst = %meta.orig_dst,
-                decision = "deny",
+                decision = Decision::Deny.as_str(),
                 reason,
                 "connection refused"
             );
@@ -241,7 +247,7 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
                             decision: Decision::Deny,
                             rule,
                             reason: Some(reason),
-                            tls: "passthrough",
+                            tls: TlsMode::Passthrough,
                             ..Default::default()
                         });
                         return;

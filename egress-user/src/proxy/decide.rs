@@ -3,10 +3,60 @@
 
 use std::net::IpAddr;
 
+use serde::Serialize;
+
 use crate::audit::Decision;
 use crate::policy::{
     is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy, DOH_RULE,
 };
+
+/// Why a request was refused, for machines: the `X-Egress-Denied` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DenyCode {
+    /// The TLS server name is not allowed.
+    HostNotAllowed,
+    /// SNI and Host name different servers.
+    DomainFronting,
+    /// The host lists or a per-host rule.
+    Policy,
+    /// DNS over HTTPS.
+    Doh,
+    /// The name did not resolve to the destination through egress's DNS.
+    DnsPinning,
+    /// A private, loopback or link-local destination (SSRF).
+    PrivateDestination,
+    /// A secret (placeholder or real value) bound for a host it is not for.
+    SecretNotAuthorized,
+    /// A placeholder could not be swapped for its value.
+    SecretSubstitutionFailed,
+}
+
+impl DenyCode {
+    pub const ALL: [DenyCode; 8] = [
+        DenyCode::HostNotAllowed,
+        DenyCode::DomainFronting,
+        DenyCode::Policy,
+        DenyCode::Doh,
+        DenyCode::DnsPinning,
+        DenyCode::PrivateDestination,
+        DenyCode::SecretNotAuthorized,
+        DenyCode::SecretSubstitutionFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyCode::HostNotAllowed => "host-not-allowed",
+            DenyCode::DomainFronting => "domain-fronting",
+            DenyCode::Policy => "policy",
+            DenyCode::Doh => "doh",
+            DenyCode::DnsPinning => "dns-pinning",
+            DenyCode::PrivateDestination => "private-destination",
+            DenyCode::SecretNotAuthorized => "secret-not-authorized",
+            DenyCode::SecretSubstitutionFailed => "secret-substitution-failed",
+        }
+    }
+}
 
 /// What happens to a request.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,8 +65,8 @@ pub struct Verdict<'p> {
     pub decision: Decision,
     pub rule: String,
     pub reason: Option<String>,
-    /// Machine-readable reason for `X-Egress-Denied`.
-    pub code: &'static str,
+    /// Why it was refused (or, in warn mode, would have been); `None` when allowed.
+    pub code: Option<DenyCode>,
     /// The host rule whose header edits apply.
     pub host_rule: Option<&'p HostRule>,
 }
@@ -30,7 +80,7 @@ impl Verdict<'_> {
 struct Refusal {
     reason: String,
     rule: String,
-    code: &'static str,
+    code: DenyCode,
 }
 
 /// What a request is judged on.
@@ -77,7 +127,7 @@ pub fn request<'p>(
             refusal = Some(Refusal {
                 reason: format!("TLS server name {sni} and Host {host} differ (domain fronting)"),
                 rule: String::new(),
-                code: "domain-fronting",
+                code: DenyCode::DomainFronting,
             });
         }
     }
@@ -85,7 +135,11 @@ pub fn request<'p>(
         RequestDecision::Deny { reason, rule } => {
             refusal.get_or_insert(Refusal {
                 reason,
-                code: if rule == DOH_RULE { "doh" } else { "policy" },
+                code: if rule == DOH_RULE {
+                    DenyCode::Doh
+                } else {
+                    DenyCode::Policy
+                },
                 rule,
             });
             (String::new(), None)
@@ -118,31 +172,31 @@ pub fn request<'p>(
             decision: Decision::Allow,
             rule,
             reason: None,
-            code: "",
+            code: None,
             host_rule,
         },
         Some(r) if p.mode == Mode::Warn => Verdict {
             decision: Decision::Warn,
             rule: r.rule,
             reason: Some(r.reason),
-            code: r.code,
+            code: Some(r.code),
             host_rule,
         },
         Some(r) => Verdict {
             decision: Decision::Deny,
             rule: r.rule,
             reason: Some(r.reason),
-            code: r.code,
+            code: Some(r.code),
             host_rule: None,
         },
     }
 }
 
-fn host_code(rule: &str) -> &'static str {
+fn host_code(rule: &str) -> DenyCode {
     if rule == DOH_RULE {
-        "doh"
+        DenyCode::Doh
     } else {
-        "host-not-allowed"
+        DenyCode::HostNotAllowed
     }
 }
 
@@ -159,7 +213,7 @@ fn doh_message_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
     carries_dns.then(|| Refusal {
         reason: "DNS messages over HTTP (DNS over HTTPS, guard `doh`)".into(),
         rule: DOH_RULE.into(),
-        code: "doh",
+        code: DenyCode::Doh,
     })
 }
 
@@ -170,7 +224,7 @@ fn doh_address_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
     p.doh_denied(&ip).then(|| Refusal {
         reason: format!("{ip} is a well-known DNS-over-HTTPS resolver (guard `doh`)"),
         rule: DOH_RULE.into(),
-        code: "doh",
+        code: DenyCode::Doh,
     })
 }
 
@@ -198,7 +252,7 @@ fn pinning_refusal(
                 dst.to_canonical()
             ),
             rule: String::new(),
-            code: "dns-pinning",
+            code: DenyCode::DnsPinning,
         });
     }
     if resolved(&name) {
@@ -210,7 +264,7 @@ fn pinning_refusal(
             dst.to_canonical()
         ),
         rule: String::new(),
-        code: "dns-pinning",
+        code: DenyCode::DnsPinning,
     })
 }
 
@@ -229,7 +283,7 @@ fn private_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
     (!named).then(|| Refusal {
         reason: format!("destination {dst} is in a private, loopback or link-local range"),
         rule: String::new(),
-        code: "private-destination",
+        code: DenyCode::PrivateDestination,
     })
 }
 
@@ -263,12 +317,19 @@ mod tests {
         }
     }
 
+    const ALLOWED: (Decision, Option<DenyCode>) = (Decision::Allow, None);
+
+    #[test]
+    fn deny_codes_are_spelled_alike_by_as_str_and_serde() {
+        crate::audit::assert_spelled_alike(&DenyCode::ALL, DenyCode::as_str);
+    }
+
     fn judge(
         p: &SandboxPolicy,
         host: &str,
         headers: &http::HeaderMap,
         resolved: bool,
-    ) -> (&'static str, &'static str) {
+    ) -> (Decision, Option<DenyCode>) {
         let v = request(
             p,
             &Subject {
@@ -281,7 +342,7 @@ mod tests {
             },
             &|_| resolved,
         );
-        (v.decision.as_str(), v.code)
+        (v.decision, v.code)
     }
 
     #[test]
@@ -290,15 +351,15 @@ mod tests {
         let mut flags = allow(&["api.example"]);
         assert_eq!(
             judge(&policy(flags.clone()), "api.example", &none, false),
-            ("allow", ""),
+            ALLOWED,
             "pinning is off by default"
         );
         flags.dns_pinning = true;
         let p = policy(flags);
-        assert_eq!(judge(&p, "api.example", &none, true), ("allow", ""));
+        assert_eq!(judge(&p, "api.example", &none, true), ALLOWED);
         assert_eq!(
             judge(&p, "api.example", &none, false),
-            ("deny", "dns-pinning")
+            (Decision::Deny, Some(DenyCode::DnsPinning))
         );
         // An IP literal in place of the name must be the destination itself.
         let mut flags = allow(&["10.0.0.0/8"]);
@@ -316,11 +377,11 @@ mod tests {
             },
             &|_| false,
         );
-        assert_eq!(v.code, "dns-pinning", "{v:?}");
+        assert_eq!(v.code, Some(DenyCode::DnsPinning), "{v:?}");
         // A host refused by the lists is reported as such, not as a pinning failure.
         assert_eq!(
             judge(&p, "other.example", &none, false),
-            ("deny", "host-not-allowed")
+            (Decision::Deny, Some(DenyCode::HostNotAllowed))
         );
     }
 
@@ -336,7 +397,7 @@ mod tests {
             headers.insert(h.clone(), http::HeaderValue::from_static(v));
             assert_eq!(
                 judge(&p, "api.example", &headers, true),
-                ("deny", "doh"),
+                (Decision::Deny, Some(DenyCode::Doh)),
                 "{h}: {v}"
             );
         }
@@ -349,7 +410,7 @@ mod tests {
         );
         assert_eq!(
             judge(&policy(flags), "api.example", &headers, true),
-            ("allow", "")
+            ALLOWED
         );
     }
 
@@ -357,7 +418,10 @@ mod tests {
     fn well_known_doh_hosts_are_refused_under_a_wildcard() {
         let p = policy(allow(&["*"]));
         let none = http::HeaderMap::new();
-        assert_eq!(judge(&p, "dns.google", &none, true), ("deny", "doh"));
+        assert_eq!(
+            judge(&p, "dns.google", &none, true),
+            (Decision::Deny, Some(DenyCode::Doh))
+        );
         // An allowed name sent to a resolver's address.
         let v = request(
             &p,
@@ -371,7 +435,7 @@ mod tests {
             },
             &|_| true,
         );
-        assert_eq!((v.decision, v.code), (Decision::Deny, "doh"));
-        assert_eq!(judge(&p, "example.org", &none, true), ("allow", ""));
+        assert_eq!((v.decision, v.code), (Decision::Deny, Some(DenyCode::Doh)));
+        assert_eq!(judge(&p, "example.org", &none, true), ALLOWED);
     }
 }

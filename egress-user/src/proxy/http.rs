@@ -14,7 +14,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
@@ -23,15 +23,15 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::{
-    decide,
+    decide::{self, DenyCode},
     metered::{Counted, Reported},
     upstream::{Body, BoxError, PoolKey},
     Conn,
 };
 use crate::{
-    audit::{self, Decision, Record, RequestRecord},
-    policy::normalize_host,
-    secrets,
+    audit::{self, Decision, Record, RequestRecord, TlsMode},
+    policy::{normalize_host, HostRule, SandboxPolicy},
+    secrets::{self, Plan},
 };
 
 /// Per client connection: who it is and how it arrived.
@@ -82,7 +82,7 @@ fn full(status: StatusCode, content_type: &'static str, body: String) -> Respons
 }
 
 /// The 403 a refused request gets: JSON naming the host and why, plus `X-Egress-Denied`.
-pub fn denied(host: &str, reason: &str, code: &'static str) -> Response<Body> {
+pub fn denied(host: &str, reason: &str, code: DenyCode) -> Response<Body> {
     let body = serde_json::json!({ "error": "egress_denied", "host": host, "reason": reason });
     let mut r = full(
         StatusCode::FORBIDDEN,
@@ -90,7 +90,7 @@ pub fn denied(host: &str, reason: &str, code: &'static str) -> Response<Body> {
         format!("{body}\n"),
     );
     r.headers_mut()
-        .insert("x-egress-denied", HeaderValue::from_static(code));
+        .insert("x-egress-denied", HeaderValue::from_static(code.as_str()));
     r
 }
 
@@ -145,24 +145,99 @@ struct Outcome {
     error: Option<String>,
 }
 
-impl Outcome {
-    fn deny(reason: &str) -> Self {
-        Outcome {
-            decision: Decision::Deny,
+/// A request egress turns away with a 403.
+struct Refusal {
+    code: DenyCode,
+    reason: String,
+    /// The rule that refused, when the policy did.
+    rule: String,
+}
+
+impl Refusal {
+    /// A secret in the wrong place, or one that could not be substituted: no rule decided.
+    fn secret(code: DenyCode, why: impl std::fmt::Display) -> Self {
+        Refusal {
+            code,
+            reason: why.to_string(),
             rule: String::new(),
-            reason: Some(reason.to_owned()),
-            error: None,
         }
     }
 }
 
+/// A request the policy lets through: allowed, or (warn mode) refused but let pass.
+struct Admitted<'p> {
+    outcome: Outcome,
+    /// The host rule whose header edits apply.
+    host_rule: Option<&'p HostRule>,
+}
+
+/// Why forwarding brought back no response.
+enum Unanswered {
+    /// The body broke off because it carried a secret: a refusal, not an upstream failure.
+    Refused(Refusal),
+    Failed(super::upstream::Error),
+}
+
+/// The phases of one request. Each refusal leaves through the same audit as a response, so
+/// every request gets exactly one record.
 async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
-    let start = Instant::now();
-    let (shared, sb) = (&conn.conn.shared, &conn.conn.sandbox);
+    let audit = RequestAudit::begin(read_head(&req, conn));
+    let host = audit.rec.host.clone();
+    let live = conn.conn.sandbox.policy.load_full();
+    let admitted = match judge(&req, conn, &live.sandbox, &host) {
+        Ok(a) => a,
+        Err(refusal) => {
+            drain_refused_body(req.into_body()).await;
+            return audit.refuse(conn, refusal);
+        }
+    };
+    if let Some(rule) = admitted.host_rule {
+        edit_headers(req.headers_mut(), rule);
+    }
+    let plan = live.secrets.plan(&host);
+    let req = match substitute_head(req, &plan) {
+        Ok(r) => r,
+        Err(refusal) => return audit.refuse(conn, refusal),
+    };
+    match forward(req, conn, &plan, audit.bytes_up.clone()).await {
+        Ok(resp) => audit.finish(conn, resp, admitted.outcome),
+        Err(Unanswered::Refused(refusal)) => audit.refuse(conn, refusal),
+        Err(Unanswered::Failed(e)) => {
+            let out = Outcome {
+                error: Some(crate::error_chain(&e)),
+                ..admitted.outcome
+            };
+            audit.finish(conn, upstream_failed(&e), out)
+        }
+    }
+}
+
+/// Who sent the request, where to and what for, read before header edits or secret
+/// substitution change the head: the audit record shows what the client sent.
+fn read_head(req: &Request<Incoming>, conn: &ConnInfo) -> RequestRecord {
     let meta = &conn.conn.meta;
-    let orig_ip = meta.orig_dst.0.ip().to_string();
-    let raw_host = req
-        .uri()
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    RequestRecord {
+        who: conn.conn.who(),
+        client: meta.client.to_string(),
+        orig_dst: meta.orig_dst.to_string(),
+        sni: conn.sni.clone(),
+        host: normalize_host(&request_host(req, conn)),
+        method: req.method().to_string(),
+        path: audit::redact_path(path_and_query, conn.conn.shared.audit_query),
+        tls: if conn.tls {
+            TlsMode::Mitm
+        } else {
+            TlsMode::Plain
+        },
+        ..Default::default()
+    }
+}
+
+/// The host a request names: the URI's authority (HTTP/2, absolute-form), else the Host
+/// header, else the SNI, else the address the client connected to.
+fn request_host(req: &Request<Incoming>, conn: &ConnInfo) -> String {
+    req.uri()
         .authority()
         .map(|a| a.host().to_owned())
         .or_else(|| {
@@ -172,34 +247,197 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
                 .map(str::to_owned)
         })
         .or_else(|| conn.sni.clone())
-        .unwrap_or_else(|| orig_ip.clone());
-    let host = normalize_host(&raw_host);
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    let record = RequestRecord {
-        ts: audit::now(),
-        sandbox: sb.name.clone(),
-        pid: meta.pid,
-        comm: meta.comm.clone(),
-        client: meta.client.to_string(),
-        orig_dst: meta.orig_dst.to_string(),
-        sni: conn.sni.clone(),
-        host: host.clone(),
-        method: req.method().to_string(),
-        path: audit::redact_path(&path_and_query, shared.audit_query),
-        tls: if conn.tls { "mitm" } else { "plain" },
-        ..Default::default()
-    };
-    let bytes_up = Arc::new(AtomicU64::new(0));
+        .unwrap_or_else(|| conn.conn.meta.orig_dst.0.ip().to_string())
+}
 
-    // One audit record when the body ends; the tracing line (at debug: the audit log is the
-    // record, and formatting both cost 15-20% of CPU in benchmarks) when the head is known.
-    let finish = |resp: Response<Body>, out: Outcome| -> Response<Body> {
-        let mut rec = record.clone();
+/// The policy's verdict on the request; warn mode admits what it would have refused.
+fn judge<'p>(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    policy: &'p SandboxPolicy,
+    host: &str,
+) -> Result<Admitted<'p>, Refusal> {
+    let sb = &conn.conn.sandbox;
+    let dst = conn.conn.meta.orig_dst.0.ip();
+    let verdict = decide::request(
+        policy,
+        &decide::Subject {
+            sni: conn.sni.as_deref(),
+            host,
+            method: req.method(),
+            path: req.uri().path(),
+            headers: req.headers(),
+            dst,
+        },
+        &|name| sb.pins.resolves_to(sb.id, name, dst),
+    );
+    if verdict.denied() {
+        return Err(Refusal {
+            // decide gives every refusal a code; the fallback only keeps a slip there a 403.
+            code: verdict.code.unwrap_or(DenyCode::Policy),
+            reason: verdict.reason.unwrap_or_default(),
+            rule: verdict.rule,
+        });
+    }
+    Ok(Admitted {
+        outcome: Outcome {
+            decision: verdict.decision,
+            rule: verdict.rule,
+            reason: verdict.reason,
+            error: None,
+        },
+        host_rule: verdict.host_rule,
+    })
+}
+
+fn edit_headers(h: &mut http::HeaderMap, rule: &HostRule) {
+    for name in &rule.remove_headers {
+        h.remove(name);
+    }
+    for (name, value) in &rule.set_headers {
+        h.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &rule.add_headers {
+        h.append(name.clone(), value.clone());
+    }
+}
+
+/// Secrets in the head: placeholders become real values toward authorized hosts only; a
+/// placeholder or a real value bound anywhere else is refused, whatever the mode. It sees the
+/// head after the host rule's edits: a value a rule sets is checked like one the client sent.
+fn substitute_head(req: Request<Incoming>, plan: &Plan) -> Result<Request<Incoming>, Refusal> {
+    if plan.is_noop() {
+        return Ok(req);
+    }
+    let (mut parts, body) = req.into_parts();
+    if let Err(e) = plan.apply_head(&mut parts) {
+        let code = match e {
+            secrets::ApplyError::Violation(_) => DenyCode::SecretNotAuthorized,
+            _ => DenyCode::SecretSubstitutionFailed,
+        };
+        return Err(Refusal::secret(code, &e));
+    }
+    // Substitution may change the body's length; it is framed anew.
+    if plan.rewrites_body() {
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Sends the request upstream with its body counted and (with secrets) scanned as it
+/// streams, and bridges the two sides of an upgrade (WebSocket) once the upstream agrees.
+async fn forward(
+    mut req: Request<Incoming>,
+    conn: &ConnInfo,
+    plan: &Plan,
+    bytes_up: Arc<AtomicU64>,
+) -> Result<Response<Body>, Unanswered> {
+    let key = pool_key(conn);
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let counted = Counted::new(body.map_err(BoxError::from).boxed(), bytes_up);
+    let (body, violation) = if plan.is_noop() {
+        (counted.boxed(), None)
+    } else {
+        let scanned = plan.wrap_body(counted);
+        let violation = scanned.violation_handle();
+        (scanned.boxed(), Some(violation))
+    };
+    let req = Request::from_parts(parts, body);
+    let pool = &conn.conn.sandbox.pool;
+    let sent = if upgrade {
+        pool.send_upgrade(&key, req).await
+    } else {
+        pool.send(&key, req).await
+    };
+    let mut resp = sent.map_err(|e| match violation.as_ref().and_then(|h| h.get()) {
+        Some(v) => Unanswered::Refused(Refusal::secret(DenyCode::SecretNotAuthorized, v)),
+        None => Unanswered::Failed(e),
+    })?;
+    if let Some(client_upgrade) =
+        client_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+    {
+        bridge(client_upgrade, hyper::upgrade::on(&mut resp));
+    }
+    Ok(resp.map(|b| b.map_err(BoxError::from).boxed()))
+}
+
+/// Upstream connections are pooled by destination and, over TLS, by the name the client
+/// asked for (its SNI, or the address when it sent none): the upstream must present a
+/// certificate for that name.
+fn pool_key(conn: &ConnInfo) -> PoolKey {
+    let dst = conn.conn.meta.orig_dst.0;
+    PoolKey {
+        dst,
+        tls_name: conn
+            .tls
+            .then(|| conn.sni.clone().unwrap_or_else(|| dst.ip().to_string())),
+    }
+}
+
+/// Copies bytes both ways once client and upstream have both switched protocols.
+fn bridge(client: OnUpgrade, upstream: OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                debug!(result = ?r, "upgraded connection closed");
+            }
+            Err(e) => warn!(error = %e, "upgrade failed"),
+        }
+    });
+}
+
+/// A request's one audit record: begun from its head, completed with its outcome when the
+/// response head is known, and written when the response body ends or is cut off, so that
+/// it carries the bytes both ways and the whole duration.
+struct RequestAudit {
+    rec: RequestRecord,
+    start: Instant,
+    /// Request body bytes sent upstream, counted as they stream.
+    bytes_up: Arc<AtomicU64>,
+}
+
+impl RequestAudit {
+    fn begin(rec: RequestRecord) -> Self {
+        RequestAudit {
+            rec,
+            start: Instant::now(),
+            bytes_up: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The 403 for a refusal, audited as a denial.
+    fn refuse(self, conn: &ConnInfo, r: Refusal) -> Response<Body> {
+        // A refused TLS server name is what the client asked for; show it rather than the
+        // Host header.
+        let shown = match r.code {
+            DenyCode::HostNotAllowed | DenyCode::Doh => {
+                conn.sni.as_deref().unwrap_or(&self.rec.host)
+            }
+            _ => &self.rec.host,
+        };
+        let resp = denied(shown, &r.reason, r.code);
+        let out = Outcome {
+            decision: Decision::Deny,
+            rule: r.rule,
+            reason: Some(r.reason),
+            error: None,
+        };
+        self.finish(conn, resp, out)
+    }
+
+    /// The tracing line goes out now, at debug: the audit log is the record, and formatting
+    /// both cost 15-20% of CPU in benchmarks.
+    fn finish(self, conn: &ConnInfo, resp: Response<Body>, out: Outcome) -> Response<Body> {
+        let RequestAudit {
+            mut rec,
+            start,
+            bytes_up,
+        } = self;
+        let (shared, sb, meta) = (&conn.conn.shared, &conn.conn.sandbox, &conn.conn.meta);
         rec.status = resp.status().as_u16();
         rec.decision = out.decision;
         rec.rule = out.rule;
@@ -218,17 +456,17 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
             status = rec.status,
             decision = %rec.decision,
             rule = %rec.rule,
-            tls = rec.tls,
+            tls = rec.tls.as_str(),
             duration_ms = start.elapsed().as_millis() as u64,
             error = rec.error.as_deref().or(rec.reason.as_deref()).unwrap_or(""),
             "request"
         );
-        let (shared, sb, up) = (shared.clone(), sb.clone(), bytes_up.clone());
+        let (shared, sb) = (shared.clone(), sb.clone());
         resp.map(move |body| {
             Reported::new(
                 body,
                 Box::new(move |down, complete| {
-                    rec.bytes_up = up.load(Ordering::Relaxed);
+                    rec.bytes_up = bytes_up.load(Ordering::Relaxed);
                     rec.bytes_down = down;
                     rec.duration_ms = start.elapsed().as_millis() as u64;
                     if !complete && rec.error.is_none() {
@@ -240,136 +478,5 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
             )
             .boxed()
         })
-    };
-
-    let live = sb.policy.load_full();
-    let dst = meta.orig_dst.0.ip();
-    let verdict = decide::request(
-        &live.sandbox,
-        &decide::Subject {
-            sni: conn.sni.as_deref(),
-            host: &host,
-            method: req.method(),
-            path: req.uri().path(),
-            headers: req.headers(),
-            dst,
-        },
-        &|name| sb.pins.resolves_to(sb.id, name, dst),
-    );
-    if verdict.denied() {
-        let reason = verdict.reason.clone().unwrap_or_default();
-        let shown = if verdict.code == "host-not-allowed" || verdict.code == "doh" {
-            conn.sni.as_deref().unwrap_or(&host)
-        } else {
-            &host
-        };
-        let out = Outcome {
-            decision: Decision::Deny,
-            rule: verdict.rule,
-            reason: Some(reason.clone()),
-            error: None,
-        };
-        drain_refused_body(req.into_body()).await;
-        return finish(denied(shown, &reason, verdict.code), out);
     }
-    let rule = verdict.rule.clone();
-    let outcome = || Outcome {
-        decision: verdict.decision,
-        rule: rule.clone(),
-        reason: verdict.reason.clone(),
-        error: None,
-    };
-
-    if let Some(r) = verdict.host_rule {
-        let h = req.headers_mut();
-        for name in &r.remove_headers {
-            h.remove(name);
-        }
-        for (name, value) in &r.set_headers {
-            h.insert(name.clone(), value.clone());
-        }
-        for (name, value) in &r.add_headers {
-            h.append(name.clone(), value.clone());
-        }
-    }
-
-    // Secrets: placeholders become real values toward authorized hosts only; a placeholder
-    // or a real value bound anywhere else is refused, whatever the mode.
-    let plan = live.secrets.plan(&host);
-    let (mut parts, body) = req.into_parts();
-    let mut violation = None;
-    if !plan.is_noop() {
-        match plan.apply_head(&mut parts) {
-            Ok(_) => {}
-            Err(secrets::ApplyError::Violation(v)) => {
-                let reason = v.to_string();
-                let out = Outcome::deny(&reason);
-                return finish(denied(&host, &reason, "secret-not-authorized"), out);
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                let out = Outcome::deny(&reason);
-                return finish(denied(&host, &reason, "secret-substitution-failed"), out);
-            }
-        }
-        if plan.rewrites_body() {
-            parts.headers.remove(http::header::CONTENT_LENGTH);
-        }
-    }
-    let mut req = Request::from_parts(parts, body);
-
-    let key = PoolKey {
-        dst: meta.orig_dst.0,
-        tls_name: conn
-            .tls
-            .then(|| conn.sni.clone().unwrap_or_else(|| orig_ip.clone())),
-    };
-    let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let req = req.map(|b| {
-        let counted = Counted::new(b.map_err(BoxError::from).boxed(), bytes_up.clone());
-        if plan.is_noop() {
-            counted.boxed()
-        } else {
-            let scanned = plan.wrap_body(counted);
-            violation = Some(scanned.violation_handle());
-            scanned.boxed()
-        }
-    });
-    let sent = if upgrade {
-        sb.pool.send_upgrade(&key, req).await
-    } else {
-        sb.pool.send(&key, req).await
-    };
-    let mut resp = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            // A body that broke off because it carried a secret is a refusal, not an
-            // upstream failure.
-            if let Some(v) = violation.as_ref().and_then(|h| h.get()) {
-                let reason = v.to_string();
-                let out = Outcome::deny(&reason);
-                return finish(denied(&host, &reason, "secret-not-authorized"), out);
-            }
-            let mut out = outcome();
-            out.error = Some(crate::error_chain(&e));
-            return finish(upstream_failed(&e), out);
-        }
-    };
-    if let Some(client_upgrade) =
-        client_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((c, u)) => {
-                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                    debug!(result = ?r, "upgraded connection closed");
-                }
-                Err(e) => warn!(error = %e, "upgrade failed"),
-            }
-        });
-    }
-    finish(resp.map(|b| b.map_err(BoxError::from).boxed()), outcome())
 }

@@ -5,7 +5,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::{prefixed::Prefixed, Conn};
-use crate::audit::{ConnectionRecord, Decision};
+use crate::audit::{ConnectionRecord, Decision, TlsMode};
 
 pub async fn splice(mut client: Prefixed<TcpStream>, conn: &Conn, sni: &str, rule: &str) {
     let start = std::time::Instant::now();
@@ -22,7 +22,7 @@ pub async fn splice(mut client: Prefixed<TcpStream>, conn: &Conn, sni: &str, rul
                 sni: Some(sni.to_owned()),
                 decision: Decision::Passthrough,
                 rule: rule.to_owned(),
-                tls: "passthrough",
+                tls: TlsMode::Passthrough,
                 duration_ms: start.elapsed().as_millis() as u64,
                 error: Some(error),
                 ..Default::default()
@@ -44,8 +44,8 @@ pub async fn splice(mut client: Prefixed<TcpStream>, conn: &Conn, sni: &str, rul
         orig_dst = %meta.orig_dst,
         sni,
         rule,
-        decision = "passthrough",
-        tls = "passthrough",
+        decision = Decision::Passthrough.as_str(),
+        tls = TlsMode::Passthrough.as_str(),
         bytes_up,
         bytes_down,
         duration_ms = start.elapsed().as_millis() as u64,
@@ -56,7 +56,7 @@ pub async fn splice(mut client: Prefixed<TcpStream>, conn: &Conn, sni: &str, rul
         sni: Some(sni.to_owned()),
         decision: Decision::Passthrough,
         rule: rule.to_owned(),
-        tls: "passthrough",
+        tls: TlsMode::Passthrough,
         bytes_up,
         bytes_down,
         duration_ms: start.elapsed().as_millis() as u64,
