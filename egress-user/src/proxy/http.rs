@@ -468,7 +468,9 @@ impl RequestAudit {
                 Box::new(move |down, complete| {
                     rec.bytes_up = bytes_up.load(Ordering::Relaxed);
                     rec.bytes_down = down;
-                    rec.duration_ms = start.elapsed().as_millis() as u64;
+                    let elapsed = start.elapsed();
+                    rec.duration_ms = elapsed.as_millis() as u64;
+                    shared.metrics.request_duration.observe(elapsed.as_secs_f64());
                     if !complete && rec.error.is_none() {
                         rec.error = Some("response body cut off".into());
                     }
