@@ -30,6 +30,7 @@ pub mod sandbox;
 pub mod secrets;
 pub mod state;
 pub mod tls;
+pub mod upstream;
 
 /// A boxed error that can cross tasks: what HTTP bodies fail with (hyper's own errors, or a
 /// secret found while streaming).

@@ -15,7 +15,6 @@ pub mod mitm;
 pub mod passthrough;
 pub mod prefixed;
 pub mod sniff;
-pub mod upstream;
 
 use std::{
     sync::{atomic::Ordering, Arc},

@@ -16,8 +16,8 @@ use crate::{
     listen::Listeners,
     netns::Connector,
     policy::LivePolicy,
-    proxy::upstream::Pool,
     state::{DuplicateId, SandboxState, Shared},
+    upstream::Pool,
 };
 
 #[derive(Debug, thiserror::Error)]

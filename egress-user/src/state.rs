@@ -23,9 +23,9 @@ use crate::{
     audit::{Audit, Decision},
     dns::{self, pins::Pins},
     policy::LivePolicy,
-    proxy::upstream::Pool,
     records::KernelRecords,
     tls::mint::LeafCache,
+    upstream::Pool,
 };
 
 /// Names remembered for DNS pinning, per sandbox.

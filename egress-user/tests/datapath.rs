@@ -21,10 +21,10 @@ use egress_user::{
     listen::{Listeners, Ports, Sockets},
     netns::Connector,
     policy::{self, PolicyFlags},
-    proxy::upstream::Pool,
     records::{sock_record, MemRecords},
     state::{Registry, SandboxState, Shared, UpstreamTls},
     tls,
+    upstream::Pool,
 };
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};

@@ -25,13 +25,13 @@ use tracing::{debug, warn};
 use super::{
     decide::{self, DenyCode},
     metered::{Counted, Reported},
-    upstream::{Body, BoxError, PoolKey},
     Conn,
 };
 use crate::{
     audit::{self, Decision, Record, RequestRecord, TlsMode},
     policy::{normalize_host, HostRule, SandboxPolicy},
     secrets::{self, Plan},
+    upstream::{Body, BoxError, PoolKey},
 };
 
 /// Per client connection: who it is and how it arrived.
@@ -94,7 +94,7 @@ pub fn denied(host: &str, reason: &str, code: DenyCode) -> Response<Body> {
     r
 }
 
-fn upstream_failed(e: &super::upstream::Error) -> Response<Body> {
+fn upstream_failed(e: &crate::upstream::Error) -> Response<Body> {
     let mut r = full(
         e.status(),
         "text/plain; charset=utf-8",
@@ -175,7 +175,7 @@ struct Admitted<'p> {
 enum Unanswered {
     /// The body broke off because it carried a secret: a refusal, not an upstream failure.
     Refused(Refusal),
-    Failed(super::upstream::Error),
+    Failed(crate::upstream::Error),
 }
 
 /// The phases of one request. Each refusal leaves through the same audit as a response, so
@@ -470,7 +470,10 @@ impl RequestAudit {
                     rec.bytes_down = down;
                     let elapsed = start.elapsed();
                     rec.duration_ms = elapsed.as_millis() as u64;
-                    shared.metrics.request_duration.observe(elapsed.as_secs_f64());
+                    shared
+                        .metrics
+                        .request_duration
+                        .observe(elapsed.as_secs_f64());
                     if !complete && rec.error.is_none() {
                         rec.error = Some("response body cut off".into());
                     }

@@ -13,7 +13,7 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::upstream::{Body, BoxError};
+use crate::upstream::{Body, BoxError};
 
 /// Counts the data bytes of a request body into a shared counter.
 pub struct Counted {

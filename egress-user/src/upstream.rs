@@ -1,4 +1,5 @@
-//! Connections to the original destinations, from egress's own cgroup (never redirected).
+//! Connections to the original destinations (the HTTP upstream pool of each sandbox), from
+//! egress's own cgroup (never redirected), in egress's network namespace or the sandbox's.
 //!
 //! HTTPS upstreams are verified against the system trust store plus any configured roots;
 //! there is no insecure fallback. HTTP/2 or HTTP/1.1 is whatever the upstream picks by ALPN,
