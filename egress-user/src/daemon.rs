@@ -778,7 +778,7 @@ impl Daemon {
         let cut = match entry {
             Some(e) => {
                 let cut = e.sandbox.remove(self.inner.cfg.drain_timeout).await;
-                drop(e.net);
+                close_net(e.net).await;
                 cut
             }
             None => 0,
@@ -945,6 +945,7 @@ impl Daemon {
         drop(table);
         for e in removed {
             e.sandbox.remove(Duration::ZERO).await;
+            close_net(e.net).await;
         }
     }
 
@@ -1026,6 +1027,14 @@ pub struct RemoveReport {
 pub struct ReloadReport {
     pub reloaded: usize,
     pub errors: Vec<String>,
+}
+
+/// Stops the listeners of a namespace no sandbox uses any more, and waits until their
+/// sockets are closed.
+async fn close_net(net: Arc<Net>) {
+    if let Ok(net) = Arc::try_unwrap(net) {
+        Listeners::close(net.listeners).await;
+    }
 }
 
 fn pending_key(name: &str) -> String {

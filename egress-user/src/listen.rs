@@ -174,6 +174,22 @@ impl Listeners {
     }
 }
 
+impl Listeners {
+    /// Stops serving and waits until the sockets are closed, if `this` is the last handle:
+    /// the same ports can then be bound again at once (a sandbox removed and added again).
+    pub async fn close(this: Arc<Self>) {
+        if let Ok(mut l) = Arc::try_unwrap(this) {
+            let tasks = std::mem::take(&mut l.tasks);
+            for t in &tasks {
+                t.abort();
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
 impl Drop for Listeners {
     fn drop(&mut self) {
         for t in &self.tasks {
