@@ -22,6 +22,7 @@ pub mod listen;
 pub mod located;
 pub mod netns;
 pub mod pattern;
+pub mod pods;
 pub mod policy;
 pub mod proxy;
 pub mod records;
