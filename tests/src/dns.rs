@@ -1,9 +1,9 @@
 //! A stub upstream resolver for the DNS tests: what egress forwards permitted queries to.
 //!
-//! It answers A and AAAA from a fixed table over UDP and TCP on one loopback port, and
-//! records every question it receives, so a test can prove that a denied name never left
-//! egress rather than trusting what the sandboxed client believes happened. It runs on plain
-//! threads and stops on `Drop`.
+//! It answers A and AAAA from a fixed table over UDP and TCP on one port (on loopback unless
+//! told otherwise), and records every question it receives, so a test can prove that a denied
+//! name never left egress rather than trusting what the sandboxed client believes happened.
+//! It runs on plain threads and stops on `Drop`.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -43,7 +43,8 @@ struct State {
     stop: AtomicBool,
 }
 
-/// A resolver on 127.0.0.1 answering from a table; UDP and TCP share the port.
+/// A resolver on 127.0.0.1 (or another address of the test's) answering from a table; UDP
+/// and TCP share the port.
 pub struct StubResolver {
     addr: SocketAddr,
     state: Arc<State>,
@@ -55,7 +56,13 @@ impl StubResolver {
     /// Serves `records` (a name may appear several times, once per address). A known name
     /// asked for another type gets NOERROR with no answers; an unknown name gets NXDOMAIN.
     pub fn start(records: &[(&str, IpAddr)]) -> StubResolver {
-        let (udp, tcp) = bind_pair();
+        Self::start_at(IpAddr::from([127, 0, 0, 1]), records)
+    }
+
+    /// Like [`StubResolver::start`], on `ip` (an address of a veth the test made, so that a
+    /// sandbox's own network namespace can reach it).
+    pub fn start_at(ip: IpAddr, records: &[(&str, IpAddr)]) -> StubResolver {
+        let (udp, tcp) = bind_pair(ip);
         let addr = udp
             .local_addr()
             .unwrap_or_else(|e| panic!("stub resolver UDP socket has no address: {e}"));
@@ -140,11 +147,11 @@ fn normalize(name: &str) -> String {
 
 /// UDP on an ephemeral port, then TCP on the same one. Another process may hold that TCP
 /// port already; then try again with a fresh UDP port.
-fn bind_pair() -> (UdpSocket, TcpListener) {
+fn bind_pair(ip: IpAddr) -> (UdpSocket, TcpListener) {
     let mut last = None;
     for _ in 0..50 {
-        let udp = UdpSocket::bind("127.0.0.1:0")
-            .unwrap_or_else(|e| panic!("stub resolver cannot bind UDP on 127.0.0.1: {e}"));
+        let udp = UdpSocket::bind(SocketAddr::new(ip, 0))
+            .unwrap_or_else(|e| panic!("stub resolver cannot bind UDP on {ip}: {e}"));
         let addr = udp.local_addr().unwrap();
         match TcpListener::bind(addr) {
             Ok(tcp) => return (udp, tcp),

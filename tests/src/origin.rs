@@ -4,9 +4,10 @@
 //! destination, verifying it against `--upstream-ca`. This module owns both ends of that
 //! second hop for the tests: a throwaway CA minted at runtime ([`TestCa`]) and an HTTPS
 //! server ([`Origin`]) that answers a handful of routes exercising what proxies get wrong
-//! (streaming, large bodies, upgrades, status codes) and records what it saw, SNI included,
-//! so a test can assert on what actually reached the origin rather than on what the client
-//! believes it sent.
+//! (streaming, large bodies, upgrades, status codes) and records what it saw, SNI and TCP
+//! peer included, so a test can assert on what actually reached the origin rather than on
+//! what the client believes it sent. `/hold` answers only once the test calls
+//! [`Origin::release`]: a request kept in flight for as long as the test needs.
 //!
 //! Tests are plain `#[test]` functions: the origin runs its own runtime on its own thread
 //! and is torn down by `Drop`.
@@ -18,7 +19,10 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     task::{Context, Poll},
     thread::JoinHandle,
     time::Duration,
@@ -42,7 +46,7 @@ use rustls_pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
-    sync::oneshot,
+    sync::{oneshot, Notify},
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::{
@@ -183,6 +187,9 @@ pub struct SeenRequest {
     /// The SNI of the TLS connection that carried the request; `None` over plain HTTP or when
     /// the client sent none (as for IP literals).
     pub sni: Option<String>,
+    /// The TCP peer of the connection that carried the request: who actually connected (for
+    /// a proxy, the address its upstream connection left from).
+    pub peer: SocketAddr,
 }
 
 /// What the origin has seen, shared between its connections and the test.
@@ -190,6 +197,9 @@ pub struct SeenRequest {
 struct Log {
     requests: Mutex<Vec<SeenRequest>>,
     tls_failures: Mutex<Vec<String>>,
+    /// `/hold` answers once this is set ([`Origin::release`]).
+    released: AtomicBool,
+    release: Notify,
 }
 
 impl Log {
@@ -201,6 +211,18 @@ impl Log {
 
     fn add_body(&self, idx: usize, n: usize) {
         self.requests.lock().unwrap()[idx].body_len += n;
+    }
+
+    async fn released(&self) {
+        loop {
+            // Created before the check: a release between the check and the await still
+            // wakes it.
+            let notified = self.release.notified();
+            if self.released.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -285,6 +307,17 @@ impl Origin {
         self.log.requests.lock().unwrap().clone()
     }
 
+    /// How many requests arrived so far (without copying them).
+    pub fn request_count(&self) -> usize {
+        self.log.requests.lock().unwrap().len()
+    }
+
+    /// Lets every `/hold` request, waiting or still to come, answer.
+    pub fn release(&self) {
+        self.log.released.store(true, Ordering::SeqCst);
+        self.log.release.notify_waiters();
+    }
+
     /// TLS handshakes that failed, as rustls described them. Lets a test tell "egress refused
     /// the origin's certificate" apart from "egress never connected".
     pub fn tls_failures(&self) -> Vec<String> {
@@ -309,8 +342,8 @@ impl Drop for Origin {
 async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, log: Arc<Log>) {
     let http = auto::Builder::new(TokioExecutor::new());
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _peer)) => tcp,
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
             Err(_) => {
                 // Typically EMFILE; back off rather than spin until a descriptor frees up.
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -320,11 +353,11 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, log: Arc<L
         let (http, tls, log) = (http.clone(), tls.clone(), log.clone());
         tokio::spawn(async move {
             match tls {
-                None => serve_connection(http, tcp, None, log).await,
+                None => serve_connection(http, tcp, None, peer, log).await,
                 Some(acceptor) => match acceptor.accept(tcp).await {
                     Ok(stream) => {
                         let sni = stream.get_ref().1.server_name().map(str::to_owned);
-                        serve_connection(http, stream, sni, log).await;
+                        serve_connection(http, stream, sni, peer, log).await;
                     }
                     Err(e) => log.tls_failures.lock().unwrap().push(e.to_string()),
                 },
@@ -337,13 +370,14 @@ async fn serve_connection<S>(
     http: auto::Builder<TokioExecutor>,
     stream: S,
     sni: Option<String>,
+    peer: SocketAddr,
     log: Arc<Log>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let (sni, log) = (sni.clone(), log.clone());
-        async move { Ok::<_, Infallible>(route(req, sni, &log).await) }
+        async move { Ok::<_, Infallible>(route(req, sni, peer, &log).await) }
     });
     // The peer going away mid-request is routine for a test origin, not an error to report.
     let _ = http
@@ -356,6 +390,7 @@ type ResBody = UnsyncBoxBody<Bytes, hyper::Error>;
 async fn route(
     mut req: Request<Incoming>,
     sni: Option<String>,
+    peer: SocketAddr,
     log: &Arc<Log>,
 ) -> Response<ResBody> {
     let host = req
@@ -383,6 +418,7 @@ async fn route(
             .collect(),
         body_len: 0,
         sni,
+        peer,
     });
 
     // These two consume the request themselves: the upgrade needs the request, and echo
@@ -409,6 +445,10 @@ async fn route(
             full(StatusCode::OK, "text/plain", format!("hello from {host}"))
         }
         (&Method::GET, "/sse") => sse(),
+        (&Method::GET, "/hold") => {
+            log.released().await;
+            full(StatusCode::OK, "text/plain", "released".into())
+        }
         (&Method::GET, "/bytes") => bytes(parts.uri.query()),
         (&Method::GET, _) if path.starts_with("/status/") => status(&path["/status/".len()..]),
         _ => empty(StatusCode::NOT_FOUND),
@@ -690,6 +730,11 @@ mod tests {
         assert_eq!(r.version, "HTTP/1.1");
         assert_eq!(r.host, "localhost");
         assert_eq!(r.sni.as_deref(), Some("localhost"), "SNI not recorded");
+        assert_eq!(
+            r.peer.ip().to_string(),
+            "127.0.0.1",
+            "the TCP peer is the client's address"
+        );
         assert!(
             r.headers
                 .iter()
@@ -855,6 +900,46 @@ mod tests {
             ws.close(None).await.expect("WebSocket close");
         });
         assert_eq!(origin.requests()[0].path_and_query, "/ws");
+    }
+
+    #[test]
+    fn hold_answers_only_once_released() {
+        let ca = TestCa::new("origin test CA");
+        let origin = origin(&ca);
+        block_on(async {
+            let held = tokio::spawn({
+                let (addr, pem) = (origin.addr(), ca.cert_pem());
+                async move {
+                    let config = tls_client_config(&pem);
+                    let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+                    let name = ServerName::try_from("localhost").unwrap();
+                    let tls = TlsConnector::from(config)
+                        .connect(name, tcp)
+                        .await
+                        .expect("TLS handshake");
+                    let (mut sender, conn) = http1::handshake(TokioIo::new(tls))
+                        .await
+                        .expect("HTTP/1.1 handshake");
+                    tokio::spawn(conn);
+                    let res = sender.send_request(get("/hold")).await.expect("request");
+                    (res.status(), body_string(res).await)
+                }
+            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while origin.request_count() == 0 {
+                assert!(Instant::now() < deadline, "/hold never reached the origin");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!held.is_finished(), "/hold answered before the release");
+            origin.release();
+            let (status, body) = held.await.expect("the held request's task");
+            assert_eq!(status, StatusCode::OK, "/hold status");
+            assert_eq!(body, "released");
+            // Once released, later requests answer at once.
+            let res = h1(&origin, &ca, get("/hold")).await;
+            assert_eq!(body_string(res).await, "released");
+        });
     }
 
     #[test]
