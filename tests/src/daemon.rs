@@ -591,12 +591,11 @@ impl Daemon {
     /// Waits for the daemon to exit on its own.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("the daemon is not running");
-        let status = wait_for("the daemon to exit", || match c.try_wait() {
+        wait_for("the daemon to exit", || match c.try_wait() {
             Ok(Some(s)) => Ok(s),
             Ok(None) => Err("still running".into()),
             Err(e) => Err(e.to_string()),
-        });
-        status
+        })
     }
 
     /// One API call with `curl --unix-socket`: the HTTP status and the JSON answer.

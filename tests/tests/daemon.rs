@@ -13,12 +13,15 @@ use std::{
     process::Command,
 };
 
+use egress_common::Counter;
 use egress_tests::{
-    daemon::{run_in, Cgroup, Daemon, DaemonSpec, Netns},
+    daemon::{
+        attached_programs, run_in, wait_for, Background, Cgroup, Daemon, DaemonSpec, Netns, NOBODY,
+    },
     dns::StubResolver,
     egress_bin,
     origin::{Origin, TestCa},
-    TempDir,
+    pinned_counter, testclient, touch, TempDir, Upstream,
 };
 use serde_json::{json, Value};
 
@@ -399,4 +402,1093 @@ fn daemon_check_passes_a_good_config_and_locates_errors() {
         stderr.contains(&format!("{}:2:", bad_policy.display())),
         "the policy file's own line: {stderr}"
     );
+}
+
+/// Waits until `file` holds at least `n` lines, and returns them.
+fn wait_lines(file: &Path, n: usize) -> Vec<String> {
+    wait_for(&format!("{n} lines in {}", file.display()), || {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= n {
+            Ok(lines)
+        } else {
+            Err(format!(
+                "{lines:?}; stderr: {}",
+                std::fs::read_to_string(file.with_extension("err")).unwrap_or_default()
+            ))
+        }
+    })
+}
+
+// 2. A parent registered deny-all catches a child cgroup created afterwards from its first
+//    connect; registering the child with its own policy takes effect from its next request,
+//    and removing it hands the child back to the parent.
+#[test]
+fn daemon_parent_deny_all_holds_a_new_child_until_the_child_is_registered() {
+    let parent = Cgroup::new("parent");
+    let ns = Netns::with_veth();
+    let ca = OriginCa::new();
+    let origin = ca.origin(ns.host_ip, &["origin.test"]);
+    // Something listens on a port the kernel must refuse, so only the hook can stop it.
+    let side = Upstream::start(&ns.host(8080).to_string());
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.deny-all]\n\n[sandbox.child]\nallow = [\"origin.test\"]\n".into(),
+        daemon: vec![ca.daemon_line()],
+        ..Default::default()
+    });
+    d.add(json!({
+        "name": "parent",
+        "cgroup": parent.rel(),
+        "policy": "deny-all",
+        "netns": ns.path,
+    }));
+    // Made after the parent was registered, and never registered itself (yet).
+    let child = parent.child("child");
+    let egress_ca = d.ca_for_clients();
+    let go = d.path("go");
+    let again = d.path("again");
+    let out = d.path("child.out");
+    let url = "https://origin.test/hello";
+    let curl = format!(
+        "curl -sS -m 20 --cacert {} --resolve origin.test:443:{} -o /dev/null -w '%{{http_code}}\\n' {url}",
+        egress_ca.display(),
+        ns.host_ip
+    );
+    // One process, started in the child: its first connect, then a request; then (once the
+    // child is registered) another request; then (once it is removed) another.
+    let script = format!(
+        "{tc} connect-err {side}; {curl}; \
+         while [ ! -e {go} ]; do sleep 0.02; done; {curl}; {tc} connect-err {side}; \
+         while [ ! -e {again} ]; do sleep 0.02; done; {curl}",
+        tc = testclient().display(),
+        side = ns.host(8080),
+        go = go.display(),
+        again = again.display(),
+    );
+    let shell = Background::start(&child, Some(&ns), &["sh", "-c", &script], &out);
+    let lines = wait_lines(&out, 2);
+    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(
+        first["errno"],
+        libc::EPERM,
+        "the child's very first connect must be refused by the parent's programs: {first}"
+    );
+    assert_eq!(
+        lines[1], "403",
+        "the parent's deny-all policy applies to the child"
+    );
+
+    let added = d.add(json!({
+        "name": "child",
+        "cgroup": child.rel(),
+        "policy": "child",
+        "netns": ns.path,
+    }));
+    assert_eq!(added["cgroup"], child.path().to_str().unwrap(), "{added}");
+    touch(&go, "");
+    let lines = wait_lines(&out, 4);
+    assert_eq!(
+        lines[2], "200",
+        "the same process's next request is under the child's own policy"
+    );
+    let after: Value = serde_json::from_str(&lines[3]).unwrap();
+    assert_eq!(
+        after["errno"],
+        libc::EPERM,
+        "the child's policy opens no TCP port: {after}"
+    );
+
+    d.remove("child");
+    touch(&again, "");
+    let lines = wait_lines(&out, 5);
+    assert_eq!(lines[4], "403", "removed, the child is the parent's again");
+    assert!(shell.wait().success(), "the sandboxed shell failed");
+
+    assert_eq!(side.accepted(), 0, "a refused connect reached the listener");
+    let seen = origin.requests();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the allowed request reaches the origin: {seen:?}"
+    );
+    assert_eq!(seen[0].peer.ip(), IpAddr::V4(ns.sandbox_ip), "{seen:?}");
+    let decisions: Vec<(String, String)> = audit_of(&d, "request")
+        .iter()
+        .map(|r| {
+            (
+                r["sandbox"].as_str().unwrap_or("?").to_owned(),
+                r["decision"].as_str().unwrap_or("?").to_owned(),
+            )
+        })
+        .collect();
+    let want = [("parent", "deny"), ("child", "allow"), ("parent", "deny")]
+        .map(|(s, d)| (s.to_owned(), d.to_owned()));
+    assert_eq!(
+        decisions, want,
+        "requests audited under the deepest registered sandbox"
+    );
+    // Kernel refusals reach the audit through a ring buffer: give the reader a moment.
+    for sandbox in ["parent", "child"] {
+        wait_for(&format!("the kernel_deny record of {sandbox}"), || {
+            let denies = audit_of(&d, "kernel_deny");
+            denies
+                .iter()
+                .any(|r| r["sandbox"] == sandbox && r["dst"] == ns.host(8080).to_string())
+                .then_some(())
+                .ok_or_else(|| format!("{denies:#?}"))
+        });
+    }
+}
+
+/// A keep-alive HTTP client for load: WORKERS threads, each sending `GET /hello` to
+/// HOST:80 (Host: origin.test) over one connection for 50 requests, then a new one, until
+/// the STOP file exists; then one JSON line with the counts and the first errors.
+const LOAD_CLIENT: &str = r#"
+import http.client, json, os, sys, threading, time
+host, stop, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+lock = threading.Lock()
+stats = {'ok': 0, 'failed': 0, 'connections': 0, 'errors': []}
+def work():
+    conn, used = None, 0
+    while not os.path.exists(stop):
+        try:
+            if conn is None:
+                conn, used = http.client.HTTPConnection(host, 80, timeout=10), 0
+                with lock:
+                    stats['connections'] += 1
+            conn.request('GET', '/hello', headers={'Host': 'origin.test'})
+            r = conn.getresponse()
+            body = r.read()
+            with lock:
+                if r.status == 200 and body == b'hello from origin.test':
+                    stats['ok'] += 1
+                else:
+                    stats['failed'] += 1
+                    stats['errors'].append('%d %r' % (r.status, body[:200]))
+            used += 1
+            if used >= 50 or r.will_close:
+                conn.close()
+                conn = None
+        except Exception as e:
+            with lock:
+                stats['failed'] += 1
+                stats['errors'].append(repr(e))
+            if conn is not None:
+                conn.close()
+            conn = None
+t0 = time.monotonic()
+threads = [threading.Thread(target=work) for _ in range(workers)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+stats['seconds'] = time.monotonic() - t0
+stats['errors'] = stats['errors'][:20]
+print(json.dumps(stats), flush=True)
+"#;
+
+/// What `egress-testclient connect-err ADDR` says from inside a sandbox.
+fn connect_err(cg: &Cgroup, ns: Option<&Netns>, addr: &str) -> Value {
+    let tc = testclient();
+    let out = run_in(cg, ns, &[tc.to_str().unwrap(), "connect-err", addr]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "testclient connect-err {addr}: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+// 3. Sandbox B is added and removed 20 times while sandbox A is under steady load: A loses
+//    no request, and every removal leaves nothing of B in the kernel.
+#[test]
+fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
+    need(PY);
+    let (cg_a, cg_b) = (Cgroup::new("loaded"), Cgroup::new("churned"));
+    let (ns_a, ns_b) = (Netns::with_veth(), Netns::with_veth());
+    let origin = Origin::start(&ns_a.host(80).to_string(), None);
+    let side_b = Upstream::start(&ns_b.host(8080).to_string());
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.a]\nallow = [\"origin.test\"]\n\n[sandbox.b]\n".into(),
+        ..Default::default()
+    });
+    let a = d.add(json!({"name": "a", "cgroup": cg_a.rel(), "netns": ns_a.path}));
+    let stop = d.path("stop");
+    let out = d.path("load.out");
+    let load = Background::start(
+        &cg_a,
+        Some(&ns_a),
+        &[
+            PY,
+            "-c",
+            LOAD_CLIENT,
+            &ns_a.host_ip.to_string(),
+            stop.to_str().unwrap(),
+            "2",
+        ],
+        &out,
+    );
+    wait_for("the load in sandbox a to get going", || {
+        let n = origin.request_count();
+        if n >= 100 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{n} requests; client stderr: {}",
+                std::fs::read_to_string(out.with_extension("err")).unwrap_or_default()
+            ))
+        }
+    });
+    let b_side = ns_b.host(8080).to_string();
+    let started = std::time::Instant::now();
+    let during = origin.request_count();
+    let mut ids = Vec::new();
+    for round in 0..20 {
+        let before = origin.request_count();
+        let b = d.add(json!({"name": "b", "cgroup": cg_b.rel(), "netns": ns_b.path}));
+        let id = b["id"].as_u64().unwrap_or_else(|| panic!("no id: {b}"));
+        ids.push(id);
+        let programs = attached_programs(cg_b.path());
+        assert!(
+            programs.iter().any(|p| p == "egress_connect4"),
+            "round {round}: B registered, yet its cgroup has {programs:?}"
+        );
+        let refused = connect_err(&cg_b, Some(&ns_b), &b_side);
+        assert_eq!(
+            refused["errno"],
+            libc::EPERM,
+            "round {round}: B registered: {refused}"
+        );
+
+        d.remove("b");
+        let programs = attached_programs(cg_b.path());
+        assert!(
+            programs.is_empty(),
+            "round {round}: B removed, yet {programs:?} stay attached"
+        );
+        assert!(
+            !d.link_dir(id).exists(),
+            "round {round}: the link pins of B (id {id}) outlived it"
+        );
+        let rows = d.sandbox_rows();
+        assert!(
+            rows.iter()
+                .all(|(cg, s)| *cg != cg_b.id() && u64::from(s.id) != id),
+            "round {round}: a SANDBOXES row of B (id {id}) outlived it: {rows:?}"
+        );
+        let ports = d.port_rows();
+        assert!(
+            ports.iter().all(|k| u64::from(k.sandbox) != id),
+            "round {round}: INTERCEPT_PORTS rows of B (id {id}) outlived it: {ports:?}"
+        );
+        let open = connect_err(&cg_b, Some(&ns_b), &b_side);
+        assert_eq!(
+            open["ok"], true,
+            "round {round}: B removed, its cgroup is not captured any more: {open}"
+        );
+        // The load kept flowing through this round.
+        wait_for(&format!("round {round}: requests from sandbox a"), || {
+            let n = origin.request_count();
+            if n > before {
+                Ok(())
+            } else {
+                Err(format!("{n} requests"))
+            }
+        });
+    }
+    let churn = origin.request_count() - during;
+    let churn_secs = started.elapsed().as_secs_f64();
+    touch(&stop, "");
+    assert!(
+        load.wait().success(),
+        "the load client failed: {}",
+        std::fs::read_to_string(out.with_extension("err")).unwrap_or_default()
+    );
+    let stats: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap())
+        .unwrap_or_else(|e| panic!("load client output: {e}"));
+    eprintln!(
+        "sandbox a under load: {stats}; {churn} requests in {churn_secs:.1} s of add/remove ({:.0}/s)",
+        churn as f64 / churn_secs
+    );
+    assert_eq!(
+        stats["failed"], 0,
+        "requests of sandbox a failed while b came and went: {stats}"
+    );
+    assert_eq!(
+        stats["ok"].as_u64(),
+        Some(origin.request_count() as u64),
+        "every request the client counted reached the origin: {stats}"
+    );
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "a new id for every registration, never reused: {ids:?}"
+    );
+    assert_eq!(
+        side_b.accepted(),
+        20,
+        "B reached its listener exactly when not registered"
+    );
+    // A is intact: its row, its ports, its programs.
+    let a_id = a["id"].as_u64().unwrap();
+    assert!(d
+        .sandbox_rows()
+        .iter()
+        .any(|(cg, s)| *cg == cg_a.id() && u64::from(s.id) == a_id));
+    assert_eq!(
+        d.port_rows()
+            .iter()
+            .filter(|k| u64::from(k.sandbox) == a_id)
+            .count(),
+        2,
+        "A's intercepted ports (80, 443)"
+    );
+    assert!(!attached_programs(cg_a.path()).is_empty());
+    let list = d.list();
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert_eq!(
+        list[0]["counters"]["requests"]["allow"], stats["ok"],
+        "{:#}",
+        list[0]
+    );
+}
+
+/// Tries HOST:80 (a plain HTTP request, Host: origin.test) then HOST:8080 (a bare connect),
+/// over and over until the STOP file exists; one JSON line per attempt: port, ok, errno.
+const CONNECT_LOOP: &str = r#"
+import json, os, socket, sys, time
+host, stop = sys.argv[1], sys.argv[2]
+while not os.path.exists(stop):
+    for port in (80, 8080):
+        rec = {'port': port, 'ok': False}
+        try:
+            s = socket.create_connection((host, port), timeout=5)
+            try:
+                if port == 80:
+                    s.sendall(b'GET / HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n')
+                    data = b''
+                    while True:
+                        chunk = s.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    rec['ok'] = data.startswith(b'HTTP/1.1 200') and b'hello from' in data
+                    rec['head'] = data[:60].decode('latin-1')
+                else:
+                    rec['ok'] = True
+            finally:
+                s.close()
+        except OSError as e:
+            rec['errno'] = e.errno
+            rec['error'] = str(e)
+        print(json.dumps(rec), flush=True)
+    time.sleep(0.01)
+"#;
+
+fn attempts(file: &Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits until `file` holds at least `n` attempts on each port after the first `skip`.
+fn wait_attempts(file: &Path, skip: usize, n: usize) -> Vec<Value> {
+    wait_for(
+        &format!("{n} attempts on each port after the first {skip}"),
+        || {
+            let all = attempts(file);
+            let tail = all.get(skip..).unwrap_or_default().to_vec();
+            let on = |p: u16| tail.iter().filter(|r| r["port"] == p).count();
+            if on(80) >= n && on(8080) >= n {
+                Ok(tail)
+            } else {
+                Err(format!("{} attempts in all: {:?}", all.len(), all.last()))
+            }
+        },
+    )
+}
+
+/// The value of one sample line (`NAME VALUE` or `NAME{…} VALUE`) of a `/metrics` scrape.
+fn scraped(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+// 4. kill -9 of the daemon leaves its sandbox closed (intercepted ports refused, others
+//    EPERM, nothing reaches the origins); a restart with the same config takes the sandbox
+//    back without a new `add`, and the pinned kernel counters keep counting.
+#[test]
+fn daemon_killed_leaves_sandboxes_closed_and_a_restart_takes_them_back() {
+    need(PY);
+    let cg = Cgroup::new("survivor");
+    let ns = Netns::with_veth();
+    let up80 = Upstream::start(&ns.host(80).to_string());
+    let up8080 = Upstream::start(&ns.host(8080).to_string());
+    let mut d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.s]\nallow = [\"origin.test\"]\n".into(),
+        ..Default::default()
+    });
+    let id = d.add(json!({"name": "s", "cgroup": cg.rel(), "netns": ns.path}))["id"]
+        .as_u64()
+        .unwrap();
+    let stop = d.path("stop");
+    let out = d.path("attempts.out");
+    let client = Background::start(
+        &cg,
+        Some(&ns),
+        &[
+            PY,
+            "-c",
+            CONNECT_LOOP,
+            &ns.host_ip.to_string(),
+            stop.to_str().unwrap(),
+        ],
+        &out,
+    );
+    // Served: port 80 through the proxy, 8080 refused by the kernel.
+    let up = wait_attempts(&out, 0, 3);
+    assert!(
+        up.iter().all(|r| if r["port"] == 80 {
+            r["ok"] == true
+        } else {
+            r["errno"] == libc::EPERM
+        }),
+        "with the daemon up: {up:#?}"
+    );
+    let counters = d.pin_root.join(egress_common::maps::COUNTERS);
+    let redirected_up = pinned_counter(&counters, Counter::Redirected);
+
+    d.kill9();
+    let killed_at = attempts(&out).len();
+    // At most one attempt was under way at the kill; every later one started without a
+    // daemon.
+    let skip = killed_at + 1;
+    wait_attempts(&out, skip, 5);
+    let reached = (up80.accepted(), up8080.accepted());
+    let down = wait_attempts(&out, skip, 30);
+    assert_eq!(
+        (up80.accepted(), up8080.accepted()),
+        reached,
+        "connections reached the origins while the daemon was down"
+    );
+    assert_eq!(up8080.accepted(), 0, "port 8080 was never allowed");
+    for r in &down {
+        let want = if r["port"] == 80 {
+            libc::ECONNREFUSED
+        } else {
+            libc::EPERM
+        };
+        assert!(
+            r["ok"] == false && r["errno"] == want,
+            "with the daemon down, every attempt must fail with errno {want}: {r}"
+        );
+    }
+    let redirected_down = pinned_counter(&counters, Counter::Redirected);
+    assert!(
+        redirected_down > redirected_up,
+        "the pinned programs kept redirecting port 80 while the daemon was down \
+         ({redirected_up} then {redirected_down})"
+    );
+    assert!(d.link_dir(id).exists(), "the link pins outlive the daemon");
+    assert!(
+        !attached_programs(cg.path()).is_empty(),
+        "programs stay attached"
+    );
+
+    // Same config, no `add`: the sandbox is taken back.
+    d.spawn();
+    let registered = d.wait_log("sandbox registered");
+    assert!(
+        registered["adopted_links"].as_u64() > Some(0),
+        "the pinned links are taken over: {registered}"
+    );
+    let list = d.list();
+    assert_eq!(list.len(), 1, "{list:#?}");
+    assert_eq!(
+        (
+            &list[0]["name"],
+            &list[0]["state"],
+            list[0]["id"].as_u64(),
+            &list[0]["adopted"]
+        ),
+        (&json!("s"), &json!("active"), Some(id), &json!(true)),
+        "{:#}",
+        list[0]
+    );
+    wait_for("/readyz to answer 200 after the restart", || {
+        let (code, body) = d.admin_get("/readyz");
+        (code == 200).then_some(()).ok_or(format!("{code} {body}"))
+    });
+    let back_at = attempts(&out).len();
+    wait_for("a request through the restarted daemon", || {
+        let all = attempts(&out);
+        all.get(back_at..)
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r["port"] == 80 && r["ok"] == true)
+            .then_some(())
+            .ok_or(format!("{:?}", all.last()))
+    });
+    assert!(up80.accepted() > reached.0, "the origin is reached again");
+    assert_eq!(up8080.accepted(), 0, "port 8080 was never allowed");
+    let redirected_back = pinned_counter(&counters, Counter::Redirected);
+    assert!(
+        redirected_back > redirected_down,
+        "the counter kept counting across the restart ({redirected_down} then {redirected_back})"
+    );
+    let (code, metrics) = d.admin_get("/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    let exported = scraped(&metrics, "egress_kernel_redirected_total")
+        .unwrap_or_else(|| panic!("no egress_kernel_redirected_total in {metrics}"));
+    assert!(
+        exported >= redirected_down as f64,
+        "/metrics reads the pinned counter, not a fresh one: {exported} < {redirected_down}"
+    );
+    touch(&stop, "");
+    assert!(client.wait().success(), "the sandboxed loop failed");
+    assert!(
+        audit_of(&d, "request")
+            .iter()
+            .any(|r| r["sandbox"] == "s" && r["decision"] == "allow"),
+        "requests after the restart are audited under the sandbox's name"
+    );
+}
+
+/// Parses an OpenMetrics text (stdin) with prometheus_client's own parser, which rejects
+/// what a Prometheus scrape would; prints `{family: {type, samples: [[name, labels, value]]}}`.
+const PARSE_METRICS: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    out[fam.name] = {'type': fam.type, 'samples': [[s.name, s.labels, s.value] for s in fam.samples]}
+print(json.dumps(out))
+"#;
+
+/// A `/metrics` scrape as parsed by `prometheus_client`.
+struct Metrics(Value);
+
+impl Metrics {
+    fn scrape(d: &Daemon) -> Metrics {
+        let (code, text) = d.admin_get("/metrics");
+        assert_eq!(code, 200, "/metrics: {text}");
+        let mut py = Command::new(PY)
+            .args(["-c", PARSE_METRICS])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        py.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = py.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "prometheus_client's OpenMetrics parser rejects the scrape: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Metrics(serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    fn family(&self, name: &str, kind: &str) -> &Value {
+        let f = &self.0[name];
+        assert_eq!(f["type"], kind, "family {name}: {:#}", self.0);
+        f
+    }
+
+    /// The value of sample `sample` of family `family` whose labels include `labels`.
+    fn get(&self, family: &str, kind: &str, sample: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.family(family, kind)["samples"]
+            .as_array()?
+            .iter()
+            .find(|s| s[0] == sample && labels.iter().all(|(k, v)| s[1][*k] == *v))
+            .and_then(|s| s[2].as_f64())
+    }
+
+    fn counter(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(family, "counter", &format!("{family}_total"), labels)
+            .unwrap_or(0.0)
+    }
+}
+
+// 5. `/readyz` answers 503 while a static sandbox's cgroup does not exist, naming it, and 200
+//    once it does; 503 again while draining on SIGTERM, with a request in flight that still
+//    completes. `/metrics` passes prometheus_client's parser and counts the traffic.
+#[test]
+fn daemon_readiness_follows_static_sandboxes_and_draining_and_metrics_parse() {
+    need(PY);
+    need(DIG);
+    let ns = Netns::with_veth();
+    let cg = Cgroup::planned("late");
+    let stub = StubResolver::start_at(
+        IpAddr::V4(ns.host_ip),
+        &[
+            ("origin.test", ns.host_ip.into()),
+            ("denied.test", ns.host_ip.into()),
+        ],
+    );
+    let ca = OriginCa::new();
+    let origin = ca.origin(ns.host_ip, &["origin.test", "denied.test"]);
+    let side = Upstream::start(&ns.host(8080).to_string());
+    let mut d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.late]\nallow = [\"origin.test\"]\n".into(),
+        daemon: vec![
+            ca.daemon_line(),
+            format!("dns_upstreams = [\"{}\"]", stub.addr()),
+            "recheck_interval = \"1s\"".into(),
+            "drain_timeout = \"60s\"".into(),
+        ],
+        sandboxes: format!(
+            "[[sandbox]]\nname = \"late\"\ncgroup = \"{}\"\nnetns = \"{}\"\n",
+            cg.rel(),
+            ns.path.display()
+        ),
+        ..Default::default()
+    });
+    assert_eq!(
+        d.admin_get("/healthz").0,
+        200,
+        "/healthz answers while not ready"
+    );
+    let (code, body) = d.admin_get("/readyz");
+    assert_eq!(
+        code, 503,
+        "the static sandbox's cgroup does not exist yet: {body}"
+    );
+    assert!(
+        body.contains("sandbox late") && body.contains(cg.rel()) && body.contains("does not exist"),
+        "/readyz names what it waits for: {body}"
+    );
+    let (_, status) = d.api("GET", "/v1/status", None);
+    assert_eq!(status["ready"], false, "{status}");
+    let cli = Command::new(egress_bin())
+        .args(["status", "--api"])
+        .arg(&d.api)
+        .output()
+        .unwrap();
+    let cli_out = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success()
+            && cli_out.starts_with("not ready")
+            && cli_out.contains("sandbox late"),
+        "egress status: {cli:?}"
+    );
+
+    cg.create();
+    wait_for("/readyz to answer 200 once the cgroup exists", || {
+        let (code, body) = d.admin_get("/readyz");
+        (code == 200).then_some(()).ok_or(format!("{code} {body}"))
+    });
+    let list = d.list();
+    assert_eq!(
+        (&list[0]["name"], &list[0]["state"]),
+        (&json!("late"), &json!("active")),
+        "{list:#?}"
+    );
+
+    let m0 = Metrics::scrape(&d);
+    let egress_ca = d.ca_for_clients();
+    for _ in 0..2 {
+        let ok = curl_https(
+            &cg,
+            Some(&ns),
+            &egress_ca,
+            "origin.test",
+            ns.host_ip,
+            "/hello",
+        );
+        assert_eq!(ok.status, 200, "{ok:?}");
+    }
+    let denied = curl_https(
+        &cg,
+        Some(&ns),
+        &egress_ca,
+        "denied.test",
+        ns.host_ip,
+        "/hello",
+    );
+    assert_eq!(denied.status, 403, "{denied:?}");
+    let refused = connect_err(&cg, Some(&ns), &ns.host(8080).to_string());
+    assert_eq!(refused["errno"], libc::EPERM, "{refused}");
+    assert_eq!(dig(&cg, &ns, ns.host_ip, "origin.test").0, "NOERROR");
+    assert_eq!(dig(&cg, &ns, ns.host_ip, "denied.test").0, "NXDOMAIN");
+    assert_eq!(side.accepted(), 0);
+
+    // Kernel refusals arrive through the ring buffer, a little later.
+    let late = [("sandbox", "late")];
+    let m1 = wait_for("the kernel refusal in /metrics", || {
+        let m = Metrics::scrape(&d);
+        let n = m.counter(
+            "egress_kernel_denies",
+            &[("sandbox", "late"), ("protocol", "tcp")],
+        );
+        if n >= 1.0 {
+            Ok(m)
+        } else {
+            Err(format!("{:#}", m.0))
+        }
+    });
+    let allow = [("sandbox", "late"), ("decision", "allow")];
+    let deny = [("sandbox", "late"), ("decision", "deny")];
+    assert_eq!(m1.counter("egress_requests", &allow), 2.0, "{:#}", m1.0);
+    assert_eq!(m1.counter("egress_requests", &deny), 1.0, "{:#}", m1.0);
+    assert!(
+        m1.counter("egress_dns_queries", &allow) >= 1.0,
+        "{:#}",
+        m1.0
+    );
+    assert!(m1.counter("egress_dns_queries", &deny) >= 1.0, "{:#}", m1.0);
+    assert_eq!(
+        m1.get(
+            "egress_active_connections",
+            "gauge",
+            "egress_active_connections",
+            &late
+        ),
+        Some(0.0),
+        "nothing in flight: {:#}",
+        m1.0
+    );
+    let count = |m: &Metrics| {
+        m.get(
+            "egress_request_duration_seconds",
+            "histogram",
+            "egress_request_duration_seconds_count",
+            &[],
+        )
+        .unwrap_or_else(|| panic!("no egress_request_duration_seconds_count: {:#}", m.0))
+    };
+    assert!(
+        count(&m1) >= count(&m0) + 3.0,
+        "every request is timed: {:#}",
+        m1.0
+    );
+    assert!(
+        m1.family("egress_request_duration_seconds", "histogram")["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s[0] == "egress_request_duration_seconds_bucket" && s[1]["le"] == "+Inf"),
+        "histogram buckets: {:#}",
+        m1.0
+    );
+    // One leaf minted for origin.test (and one for denied.test), then reused.
+    assert!(
+        m1.counter("egress_leaf_cache_misses", &[]) >= 1.0,
+        "{:#}",
+        m1.0
+    );
+    assert!(
+        m1.counter("egress_leaf_cache_hits", &[]) >= 1.0,
+        "{:#}",
+        m1.0
+    );
+    assert!(
+        m1.counter("egress_audit_records_written", &[])
+            >= m0.counter("egress_audit_records_written", &[]) + 3.0,
+        "{:#}",
+        m1.0
+    );
+    assert_eq!(
+        m1.counter("egress_audit_records_lost", &[]),
+        0.0,
+        "{:#}",
+        m1.0
+    );
+    assert_eq!(
+        m1.counter("egress_kernel_events_lost", &[]),
+        0.0,
+        "{:#}",
+        m1.0
+    );
+    assert_eq!(
+        m1.get("egress_sandboxes", "gauge", "egress_sandboxes", &[]),
+        Some(1.0),
+        "{:#}",
+        m1.0
+    );
+
+    // Draining: a request held open by the origin, then SIGTERM.
+    let out = d.path("hold.out");
+    let held = Background::start(
+        &cg,
+        Some(&ns),
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "60",
+            "--cacert",
+            egress_ca.to_str().unwrap(),
+            "--resolve",
+            &format!("origin.test:443:{}", ns.host_ip),
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "https://origin.test/hold",
+        ],
+        &out,
+    );
+    wait_for("the held request to reach the origin", || {
+        origin
+            .requests()
+            .iter()
+            .any(|r| r.path_and_query == "/hold")
+            .then_some(())
+            .ok_or("not yet".to_owned())
+    });
+    let m2 = Metrics::scrape(&d);
+    assert_eq!(
+        m2.get(
+            "egress_active_connections",
+            "gauge",
+            "egress_active_connections",
+            &late
+        ),
+        Some(1.0),
+        "the held request is in flight: {:#}",
+        m2.0
+    );
+    d.sigterm();
+    wait_for("/readyz to answer 503 while draining", || {
+        let (code, body) = d.admin_get("/readyz");
+        (code == 503 && body.contains("draining"))
+            .then_some(())
+            .ok_or(format!("{code} {body}"))
+    });
+    origin.release();
+    assert!(
+        held.wait().success(),
+        "the held request failed while draining"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "released\n200",
+        "the request in flight completes during the drain"
+    );
+    let status = d.wait_exit();
+    assert!(
+        status.success(),
+        "the daemon's exit after draining: {status}; {}",
+        d.stderr()
+    );
+}
+
+/// The sandboxes as listed, without their counters (which traffic changes).
+fn registered(d: &Daemon) -> Vec<Value> {
+    let mut list = d.list();
+    for s in &mut list {
+        s.as_object_mut().unwrap().remove("counters");
+    }
+    list
+}
+
+// 6. The API refuses bad input with a 4xx naming the field and changes nothing; it serves
+//    only root; and a sandboxed process reaches neither the API socket nor the admin port.
+#[test]
+fn daemon_api_refuses_bad_input_outsiders_and_sandboxes() {
+    need(PY);
+    let home = Cgroup::new("daemon-home");
+    let (cg_a, cg_free) = (Cgroup::new("a"), Cgroup::new("free"));
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.a]\nallow = [\"origin.test\"]\n".into(),
+        cgroup: Some(home.path().to_owned()),
+        ..Default::default()
+    });
+    // In the host's namespace: the admin port is on its loopback.
+    d.add(json!({"name": "a", "cgroup": cg_a.rel()}));
+    let before = registered(&d);
+    let not_a_netns = d.path("not-a-netns");
+    std::fs::write(&not_a_netns, "").unwrap();
+    let missing = format!("egress-test-{}-no-such-cgroup", std::process::id());
+    let cases = [
+        (
+            "an unknown cgroup",
+            json!({"name": "x", "cgroup": missing, "policy": "a"}),
+            400,
+            "cgroup",
+        ),
+        (
+            "an unknown policy",
+            json!({"name": "x", "cgroup": cg_free.rel(), "policy": "nope"}),
+            400,
+            "policy",
+        ),
+        (
+            "a duplicate name",
+            json!({"name": "a", "cgroup": cg_free.rel()}),
+            409,
+            "name",
+        ),
+        (
+            "a netns that cannot be entered",
+            json!({"name": "x", "cgroup": cg_free.rel(), "policy": "a", "netns": not_a_netns}),
+            400,
+            "netns",
+        ),
+        (
+            "a cgroup another sandbox owns",
+            json!({"name": "x", "cgroup": cg_a.rel(), "policy": "a"}),
+            409,
+            "cgroup",
+        ),
+        (
+            "a missing name",
+            json!({"cgroup": cg_free.rel()}),
+            400,
+            "name",
+        ),
+        (
+            "an unknown field",
+            json!({"name": "x", "cgroup": cg_free.rel(), "colour": "red"}),
+            400,
+            "colour",
+        ),
+        (
+            "the cgroup the daemon runs in",
+            json!({"name": "x", "cgroup": home.rel(), "policy": "a"}),
+            400,
+            "cgroup",
+        ),
+        (
+            "a pid outside the cgroup",
+            json!({"name": "x", "cgroup": cg_free.rel(), "policy": "a", "pid": std::process::id()}),
+            400,
+            "pid",
+        ),
+    ];
+    for (what, body, status, field) in cases {
+        let (code, v) = d.api("POST", "/v1/sandboxes", Some(&body));
+        assert_eq!(code, status, "{what}: {v}");
+        assert_eq!(v["field"], field, "{what}: {v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: an error message: {v}"
+        );
+        assert_eq!(registered(&d), before, "{what} changed the sandboxes");
+        for cg in [&cg_free, &home] {
+            let p = attached_programs(cg.path());
+            assert!(p.is_empty(), "{what} left programs on {}: {p:?}", cg.rel());
+        }
+    }
+    let (code, v) = d.api("DELETE", "/v1/sandboxes/nope", None);
+    assert_eq!((code, &v["field"]), (404, &json!("name")), "{v}");
+    assert_eq!(registered(&d), before);
+    // The CLI says the same, with EX_USAGE.
+    let out = Command::new(egress_bin())
+        .args(["sandbox", "add", "x", "--cgroup", &missing, "--api"])
+        .arg(&d.api)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cgroup"),
+        "{out:?}"
+    );
+
+    // Not root: the socket itself refuses, and the CLI says so with EX_NOPERM.
+    use std::os::unix::process::CommandExt as _;
+    let out = Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(&d.api)
+        .arg("http://egress/v1/sandboxes")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    // curl does not print why; the CLI below maps exactly EACCES to its exit code 77.
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "curl as nobody must not connect: {out:?}"
+    );
+    let out = Command::new(egress_bin())
+        .args(["sandbox", "list", "--api"])
+        .arg(&d.api)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "egress sandbox list as nobody: {out:?}"
+    );
+    // From inside a sandbox: the admin port is refused by the kernel, the socket by its mode.
+    let admin = d.admin().to_string();
+    let refused = connect_err(&cg_a, None, &admin);
+    assert_eq!(
+        refused["errno"],
+        libc::EPERM,
+        "the admin port from sandbox a: {refused}"
+    );
+    let out = run_in(
+        &cg_a,
+        None,
+        &[
+            PY,
+            "-c",
+            "import socket, sys\n\
+             s = socket.socket(socket.AF_UNIX)\n\
+             try:\n    s.connect(sys.argv[1]); print(0)\n\
+             except OSError as e:\n    print(e.errno)",
+            d.api.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        libc::EACCES.to_string(),
+        "the API socket from sandbox a: {out:?}"
+    );
+    wait_for("the kernel_deny record of the admin port", || {
+        let denies = audit_of(&d, "kernel_deny");
+        denies
+            .iter()
+            .any(|r| r["sandbox"] == "a" && r["dst"] == admin)
+            .then_some(())
+            .ok_or(format!("{denies:#?}"))
+    });
+    assert_eq!(registered(&d), before);
+    // Should the socket's mode ever let others in, the daemon still checks who connected.
+    std::fs::set_permissions(&d.api, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&d.api)
+        .args(["-X", "POST", "--data-binary"])
+        .arg(json!({"name": "x", "cgroup": cg_free.rel(), "policy": "a"}).to_string())
+        .arg("http://egress/v1/sandboxes")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+    assert_eq!(
+        code, "403",
+        "a caller that is not root, past the socket's mode: {text}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap_or_default();
+    assert_eq!(body["field"], "caller", "{text}");
+    let out = Command::new(egress_bin())
+        .args(["sandbox", "list", "--api"])
+        .arg(&d.api)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(77),
+        "past the socket's mode: {out:?}"
+    );
+    assert_eq!(registered(&d), before);
+    assert!(attached_programs(cg_free.path()).is_empty());
 }
