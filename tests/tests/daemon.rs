@@ -540,12 +540,18 @@ fn daemon_parent_deny_all_holds_a_new_child_until_the_child_is_registered() {
     }
 }
 
-/// A keep-alive HTTP client for load: WORKERS threads, each sending `GET /hello` to
-/// HOST:80 (Host: origin.test) over one connection for 50 requests, then a new one, until
-/// the STOP file exists; then one JSON line with the counts and the first errors.
+/// A keep-alive HTTPS client for load: WORKERS threads, each sending `GET /hello` to
+/// https://origin.test (at IP:443) over one connection for 50 requests, then a new one,
+/// until the STOP file exists; then one JSON line with the counts and the first errors. It
+/// trusts only the egress CA, so a request that bypassed the proxy would fail.
 const LOAD_CLIENT: &str = r#"
-import http.client, json, os, sys, threading, time
-host, stop, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import http.client, json, os, socket, ssl, sys, threading, time
+ip, stop, ca, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=ca)
+class Conn(http.client.HTTPSConnection):
+    def connect(self):
+        sock = socket.create_connection((ip, 443), self.timeout)
+        self.sock = ctx.wrap_socket(sock, server_hostname='origin.test')
 lock = threading.Lock()
 stats = {'ok': 0, 'failed': 0, 'connections': 0, 'errors': []}
 def work():
@@ -553,10 +559,10 @@ def work():
     while not os.path.exists(stop):
         try:
             if conn is None:
-                conn, used = http.client.HTTPConnection(host, 80, timeout=10), 0
+                conn, used = Conn('origin.test', 443, timeout=10, context=ctx), 0
                 with lock:
                     stats['connections'] += 1
-            conn.request('GET', '/hello', headers={'Host': 'origin.test'})
+            conn.request('GET', '/hello')
             r = conn.getresponse()
             body = r.read()
             with lock:
@@ -607,13 +613,16 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
     need(PY);
     let (cg_a, cg_b) = (Cgroup::new("loaded"), Cgroup::new("churned"));
     let (ns_a, ns_b) = (Netns::with_veth(), Netns::with_veth());
-    let origin = Origin::start(&ns_a.host(80).to_string(), None);
+    let ca = OriginCa::new();
+    let origin = ca.origin(ns_a.host_ip, &["origin.test"]);
     let side_b = Upstream::start(&ns_b.host(8080).to_string());
     let d = Daemon::start(DaemonSpec {
         policy: "[sandbox.a]\nallow = [\"origin.test\"]\n\n[sandbox.b]\n".into(),
+        daemon: vec![ca.daemon_line()],
         ..Default::default()
     });
     let a = d.add(json!({"name": "a", "cgroup": cg_a.rel(), "netns": ns_a.path}));
+    let egress_ca = d.ca_for_clients();
     let stop = d.path("stop");
     let out = d.path("load.out");
     let load = Background::start(
@@ -625,6 +634,7 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
             LOAD_CLIENT,
             &ns_a.host_ip.to_string(),
             stop.to_str().unwrap(),
+            egress_ca.to_str().unwrap(),
             "2",
         ],
         &out,
@@ -746,6 +756,15 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
     assert!(!attached_programs(cg_a.path()).is_empty());
     let list = d.list();
     assert_eq!(list.len(), 1, "{list:#?}");
+    let audited = audit_of(&d, "request")
+        .iter()
+        .filter(|r| r["sandbox"] == "a" && r["decision"] == "allow")
+        .count();
+    assert_eq!(
+        Some(audited as u64),
+        stats["ok"].as_u64(),
+        "one audit record per request of sandbox a"
+    );
     assert_eq!(
         list[0]["counters"]["requests"]["allow"], stats["ok"],
         "{:#}",
