@@ -213,8 +213,18 @@ pub struct SandboxAddArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
     /// The cgroup, relative to the cgroup2 root (or absolute).
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: String,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["docker", "pod_uid"], conflicts_with_all = ["docker", "pod_uid"])]
+    pub cgroup: Option<String>,
+    /// A running Docker container (id or name): its cgroup and network namespace.
+    #[arg(long, value_name = "CONTAINER", conflicts_with_all = ["pod_uid", "netns", "pid"])]
+    pub docker: Option<String>,
+    /// A Kubernetes pod on this node, by UID: its cgroup (every container of the pod) and
+    /// network namespace, found in /proc.
+    #[arg(long, value_name = "UID", conflicts_with_all = ["netns", "pid"])]
+    pub pod_uid: Option<String>,
+    /// With --pod-uid: only this container of the pod (id or id prefix).
+    #[arg(long, value_name = "ID", requires = "pod_uid")]
+    pub container: Option<String>,
     /// The policy file's sandbox to apply (default: NAME).
     #[arg(long, value_name = "NAME")]
     pub policy: Option<String>,

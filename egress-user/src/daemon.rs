@@ -420,6 +420,15 @@ impl Daemon {
 
     /// Adds a sandbox through the API.
     pub async fn add(&self, decl: SandboxDecl) -> Result<SandboxInfo, AddError> {
+        self.add_from(decl, Source::Api).await
+    }
+
+    /// Adds a sandbox from `source`.
+    pub async fn add_from(
+        &self,
+        decl: SandboxDecl,
+        source: Source,
+    ) -> Result<SandboxInfo, AddError> {
         let mut table = self.inner.table.lock().await;
         if table.entries.contains_key(&decl.name) || table.pending.contains_key(&decl.name) {
             return Err(conflict(
@@ -428,7 +437,7 @@ impl Daemon {
             ));
         }
         let name = decl.name.clone();
-        self.try_add(&mut table, decl, Source::Api, None).await?;
+        self.try_add(&mut table, decl, source, None).await?;
         if let Err(e) = self.persist(&table) {
             if let Some(entry) = table.entries.remove(&name) {
                 entry.sandbox.remove(Duration::ZERO).await;
@@ -496,6 +505,22 @@ impl Daemon {
         prior: Option<Saved>,
     ) -> Result<(), AddError> {
         let inner = &self.inner;
+        let decl = self.resolve_target(decl).await?;
+        if let Some(id) = &decl.docker {
+            if let Some(other) = table
+                .entries
+                .values()
+                .find(|e| e.saved.decl.docker.as_ref() == Some(id))
+            {
+                return Err(conflict(
+                    "docker",
+                    format!(
+                        "container {id} is already sandbox {:?}",
+                        other.saved.decl.name
+                    ),
+                ));
+            }
+        }
         let cgroup_path = self.resolve_cgroup(&decl.cgroup)?;
         let cgroup_id =
             cgroup::cgroup_id(&cgroup_path).map_err(|e| bad("cgroup", crate::error_chain(&e)))?;
@@ -585,6 +610,47 @@ impl Daemon {
             },
         );
         Ok(())
+    }
+
+    /// A sandbox named by a Docker container or a pod gets that container's (pod's) cgroup
+    /// and, through its init (pause) process, its network namespace.
+    async fn resolve_target(&self, mut decl: SandboxDecl) -> Result<SandboxDecl, AddError> {
+        let pid = if let Some(c) = decl.docker.clone() {
+            let docker = crate::docker::Docker::new(&self.inner.cfg.docker.socket);
+            let found = docker.inspect(&c).await.map_err(|e| match e {
+                crate::docker::Error::NoSuchContainer { .. } => bad("docker", e.to_string()),
+                other => AddError {
+                    status: 502,
+                    ..bad("docker", crate::error_chain(&other))
+                },
+            })?;
+            if !found.running || found.pid == 0 {
+                return Err(bad("docker", format!("container {c} is not running")));
+            }
+            decl.docker = Some(found.id);
+            found.pid
+        } else if let Some(p) = decl.pod.clone() {
+            let found = crate::pods::find(Path::new("/proc"), &p.uid, p.container.as_deref())
+                .map_err(|e| {
+                    bad(
+                        if p.container.is_some() {
+                            "container"
+                        } else {
+                            "pod_uid"
+                        },
+                        e.to_string(),
+                    )
+                })?;
+            decl.cgroup = found.cgroup;
+            decl.netns = NetnsSpec::Pid(found.pid);
+            return Ok(decl);
+        } else {
+            return Ok(decl);
+        };
+        let cg = cgroup::cgroup_of(pid).map_err(|e| bad("docker", crate::error_chain(&e)))?;
+        decl.cgroup = cg.trim_start_matches('/').to_owned();
+        decl.netns = NetnsSpec::Pid(pid);
+        Ok(decl)
     }
 
     /// An absolute cgroup path under the cgroup2 root, or one relative to it; it must exist.
@@ -788,6 +854,16 @@ impl Daemon {
             name: name.to_owned(),
             cut_off: cut,
         })
+    }
+
+    /// The sandbox a Docker container was enrolled as, if any.
+    pub async fn by_container(&self, id: &str) -> Option<String> {
+        let table = self.inner.table.lock().await;
+        table
+            .entries
+            .values()
+            .find(|e| e.saved.decl.docker.as_deref() == Some(id))
+            .map(|e| e.saved.decl.name.clone())
     }
 
     /// Every sandbox, registered or pending.
@@ -1087,6 +1163,7 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
     let api_group = cfg.api_group.clone();
     let recheck = cfg.recheck;
     let policy_file = cfg.policy.clone();
+    let docker_watch = cfg.docker.watch;
     let bound = Daemon::start(cfg).await?;
     let daemon = bound.daemon;
     let api =
@@ -1110,6 +1187,12 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
         let d = daemon.clone();
         tokio::spawn(watch_policy(path, d))
     });
+    let docker_task = docker_watch.then(|| {
+        daemon
+            .ready()
+            .pending("6-docker", "enrolling the running labelled containers");
+        tokio::spawn(watch_docker(daemon.clone()))
+    });
     let mut term =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| Error::Api {
             path: api_path.clone(),
@@ -1131,7 +1214,7 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
     let _ = std::fs::remove_file(&api_path);
     recheck_task.abort();
     let _ = recheck_task.await;
-    if let Some(t) = reload_task {
+    for t in reload_task.into_iter().chain(docker_task) {
         t.abort();
         let _ = t.await;
     }
@@ -1146,6 +1229,97 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
     } else {
         0
     })
+}
+
+/// Enrols every running container labelled `egress.policy=NAME`, then follows the event
+/// stream: a labelled container is registered when it starts and removed when it dies or is
+/// destroyed. Reconnects with backoff; each reconnection lists again, so nothing started
+/// meanwhile is missed.
+async fn watch_docker(daemon: Daemon) {
+    let docker = crate::docker::Docker::new(&daemon.inner.cfg.docker.socket);
+    let label = crate::docker::POLICY_LABEL;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match docker.running_with_label(label).await {
+            Ok(ids) => {
+                for id in ids {
+                    enrol(&daemon, &docker, &id).await;
+                }
+                daemon.ready().done("6-docker");
+                backoff = Duration::from_millis(500);
+                let d = daemon.clone();
+                let dk = docker.clone();
+                let r = docker
+                    .follow_events(label, async move |ev: crate::docker::Event| {
+                        match ev.action.as_str() {
+                            "start" => enrol(&d, &dk, &ev.actor.id).await,
+                            "die" | "destroy" => {
+                                if let Some(name) = d.by_container(&ev.actor.id).await {
+                                    info!(sandbox = %name, container = %ev.actor.id, event = %ev.action, "container stopped; removing its sandbox");
+                                    let _ = d.remove(&name).await;
+                                }
+                            }
+                            _ => {}
+                        }
+                    })
+                    .await;
+                if let Err(e) = r {
+                    warn!(error = %crate::error_chain(&e), "docker event stream failed; reconnecting");
+                }
+            }
+            Err(e) => {
+                daemon
+                    .ready()
+                    .pending("6-docker", format!("docker: {}", crate::error_chain(&e)));
+                warn!(error = %crate::error_chain(&e), retry_in = ?backoff, "cannot list docker containers");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Registers a labelled container as a sandbox, unless it already is one.
+async fn enrol(daemon: &Daemon, docker: &crate::docker::Docker, id: &str) {
+    if daemon.by_container(id).await.is_some() {
+        return;
+    }
+    let c = match docker.inspect(id).await {
+        Ok(c) if c.running => c,
+        Ok(_) => return,
+        Err(e) => {
+            warn!(container = id, error = %crate::error_chain(&e), "cannot inspect a labelled container");
+            return;
+        }
+    };
+    let Some(policy) = c.labels.get(crate::docker::POLICY_LABEL).cloned() else {
+        return;
+    };
+    let mut name = crate::docker::sandbox_name(&c);
+    if daemon.list().await.iter().any(|s| s.name == name) {
+        name = format!("{}-{}", &name[..name.len().min(51)], &c.id[..12]);
+    }
+    let req = config::SandboxRequest {
+        name: Some(name.clone()),
+        docker: Some(c.id.clone()),
+        policy: Some(policy),
+        ..Default::default()
+    };
+    let decl = match req.validate() {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(container = %c.id, error = %e, "labelled container not enrolled");
+            return;
+        }
+    };
+    match daemon.add_from(decl, Source::Docker).await {
+        Ok(info) => {
+            info!(sandbox = %info.name, container = %c.id, policy = %info.policy, "container enrolled")
+        }
+        Err(e) => {
+            warn!(container = %c.id, sandbox = %name, error = %e, "labelled container not enrolled")
+        }
+    }
 }
 
 /// Reloads every sandbox's policy on SIGHUP or when the policy file changes.

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod command;
 pub mod daemon;
 pub mod dns;
+pub mod docker;
 pub mod events;
 pub mod gc;
 pub mod listen;

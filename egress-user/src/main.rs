@@ -182,8 +182,18 @@ async fn sandbox_cmd(cmd: egress_user::cli::SandboxCommand) -> Result<String, Cl
     use http::Method;
     match cmd {
         SandboxCommand::Add(a) => {
-            let mut body = serde_json::json!({ "name": a.name, "cgroup": a.cgroup });
+            let mut body = serde_json::json!({ "name": a.name });
             let o = body.as_object_mut().expect("an object");
+            for (k, v) in [
+                ("cgroup", a.cgroup),
+                ("docker", a.docker),
+                ("pod_uid", a.pod_uid),
+                ("container", a.container),
+            ] {
+                if let Some(v) = v {
+                    o.insert(k.into(), v.into());
+                }
+            }
             if let Some(p) = a.policy {
                 o.insert("policy".into(), p.into());
             }

@@ -98,6 +98,20 @@ pub struct SandboxDecl {
     pub warn: bool,
     pub dns_pinning: bool,
     pub no_guard: Vec<GuardName>,
+    /// A Docker container to resolve into `cgroup` and `netns` (by its init pid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<String>,
+    /// A Kubernetes pod (and optionally one of its containers) to resolve likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod by UID, optionally narrowed to one container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl SandboxDecl {
@@ -122,6 +136,9 @@ pub struct SandboxRequest {
     pub warn: Option<bool>,
     pub dns_pinning: Option<bool>,
     pub no_guard: Option<Vec<String>>,
+    pub docker: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container: Option<String>,
 }
 
 /// A field that is wrong, and why.
@@ -145,8 +162,49 @@ impl SandboxRequest {
     pub fn validate(self) -> Result<SandboxDecl, FieldError> {
         let name = self.name.ok_or_else(|| field("name", "required"))?;
         crate::policy::file::check_name(&name).map_err(|m| field("name", m))?;
-        let cgroup = self.cgroup.ok_or_else(|| field("cgroup", "required"))?;
-        check_cgroup(&cgroup).map_err(|m| field("cgroup", m))?;
+        // Where the sandbox is: a cgroup, or a container or pod egress resolves into one.
+        let cgroup = match (&self.cgroup, &self.docker, &self.pod_uid) {
+            (Some(c), None, None) => {
+                check_cgroup(c).map_err(|m| field("cgroup", m))?;
+                c.clone()
+            }
+            (None, Some(d), None) if d.trim().is_empty() => {
+                return Err(field("docker", "empty; give a container id or name"))
+            }
+            (None, None, Some(u)) => {
+                crate::pods::normalize_uid(u).map_err(|e| field("pod_uid", e.to_string()))?;
+                String::new()
+            }
+            (None, Some(_), None) => String::new(),
+            (None, None, None) => {
+                return Err(field(
+                    "cgroup",
+                    "required (or docker = CONTAINER, or pod_uid = UID)",
+                ))
+            }
+            _ => {
+                let which = if self.cgroup.is_some() {
+                    "cgroup"
+                } else {
+                    "docker"
+                };
+                return Err(field(
+                    which,
+                    "give one of cgroup, docker and pod_uid: each names where the sandbox is",
+                ));
+            }
+        };
+        if self.container.is_some() && self.pod_uid.is_none() {
+            return Err(field("container", "only with pod_uid"));
+        }
+        if (self.docker.is_some() || self.pod_uid.is_some())
+            && (self.netns.is_some() || self.pid.is_some())
+        {
+            return Err(field(
+                if self.netns.is_some() { "netns" } else { "pid" },
+                "a container's or pod's network namespace is found from its processes; drop it",
+            ));
+        }
         if let Some(p) = &self.policy {
             crate::policy::file::check_name(p).map_err(|m| field("policy", m))?;
         }
@@ -218,6 +276,11 @@ impl SandboxRequest {
             warn: self.warn.unwrap_or(false),
             dns_pinning: self.dns_pinning.unwrap_or(false),
             no_guard,
+            docker: self.docker,
+            pod: self.pod_uid.map(|uid| PodRef {
+                uid,
+                container: self.container,
+            }),
         })
     }
 }
@@ -256,13 +319,25 @@ pub struct DaemonConfig {
     pub proxy_port: u16,
     pub dns_port: u16,
     pub tls: TlsConfig,
+    /// `[docker]`: enrol containers by label.
+    pub docker: DockerConfig,
     pub sandboxes: Vec<SandboxDecl>,
+}
+
+/// The `[docker]` section.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerConfig {
+    /// Follow the Docker Engine's events: a container started with `egress.policy=NAME` is
+    /// registered, and removed when it dies.
+    pub watch: bool,
+    pub socket: PathBuf,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     daemon: Option<RawDaemon>,
+    docker: Option<RawDocker>,
     #[serde(default)]
     sandbox: Vec<Spanned<RawSandbox>>,
 }
@@ -293,6 +368,13 @@ struct RawDaemon {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawDocker {
+    watch: Option<bool>,
+    socket: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSandbox {
     name: Option<Spanned<String>>,
     cgroup: Option<Spanned<String>>,
@@ -305,6 +387,9 @@ struct RawSandbox {
     warn: Option<Spanned<bool>>,
     dns_pinning: Option<Spanned<bool>>,
     no_guard: Option<Spanned<Vec<String>>>,
+    docker: Option<Spanned<String>>,
+    pod_uid: Option<Spanned<String>>,
+    container: Option<Spanned<String>>,
 }
 
 /// Reads and validates the daemon config at `path`.
@@ -439,6 +524,9 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
             warn: s.warn.as_ref().map(|v| *v.get_ref()),
             dns_pinning: s.dns_pinning.as_ref().map(|v| *v.get_ref()),
             no_guard: s.no_guard.as_ref().map(|v| v.get_ref().clone()),
+            docker: s.docker.as_ref().map(|v| v.get_ref().clone()),
+            pod_uid: s.pod_uid.as_ref().map(|v| v.get_ref().clone()),
+            container: s.container.as_ref().map(|v| v.get_ref().clone()),
         };
         let decl = req.validate().map_err(|e| {
             // Point at the offending value where there is one, else at the table.
@@ -452,6 +540,9 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
                 "intercept_ports" => s.intercept_ports.as_ref().map(|v| v.span()),
                 "upstream" => s.upstream.as_ref().map(|v| v.span()),
                 "no_guard" => s.no_guard.as_ref().map(|v| v.span()),
+                "docker" => s.docker.as_ref().map(|v| v.span()),
+                "pod_uid" => s.pod_uid.as_ref().map(|v| v.span()),
+                "container" => s.container.as_ref().map(|v| v.span()),
                 _ => None,
             };
             doc.error(
@@ -486,6 +577,16 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
         proxy_port,
         dns_port,
         tls,
+        docker: DockerConfig {
+            watch: raw.docker.as_ref().and_then(|d| d.watch).unwrap_or(false),
+            socket: match raw.docker.as_ref().and_then(|d| d.socket.as_ref()) {
+                Some(s) if s.get_ref().is_empty() => {
+                    return Err(doc.at(s, "docker.socket".into(), "empty path"))
+                }
+                Some(s) => base.join(s.get_ref()),
+                None => crate::docker::DEFAULT_SOCKET.into(),
+            },
+        },
         sandboxes,
     })
 }

@@ -20,6 +20,8 @@ const VERSION: u32 = 1;
 pub enum Source {
     Config,
     Api,
+    /// Enrolled by its `egress.policy` label.
+    Docker,
 }
 
 /// One registered sandbox as persisted.
@@ -137,6 +139,8 @@ mod tests {
                     warn: false,
                     dns_pinning: true,
                     no_guard: vec![crate::cli::GuardName::Doh],
+                    docker: None,
+                    pod: None,
                 },
             }],
         };
