@@ -372,6 +372,8 @@ pub struct DaemonSpec {
     pub sandboxes: String,
     /// Start the daemon inside this cgroup rather than the test's.
     pub cgroup: Option<PathBuf>,
+    /// More arguments for `egress daemon` (`--detach-on-exit`).
+    pub args: Vec<String>,
 }
 
 /// A running (or stopped) `egress daemon`.
@@ -386,6 +388,7 @@ pub struct Daemon {
     pub proxy_port: u16,
     pub dns_port: u16,
     cgroup: Option<PathBuf>,
+    args: Vec<String>,
     child: Option<Child>,
     /// How many times it was started; each start logs to its own file.
     starts: usize,
@@ -440,6 +443,7 @@ impl Daemon {
             proxy_port,
             dns_port,
             cgroup: spec.cgroup.clone(),
+            args: spec.args.clone(),
             child: None,
             starts: 0,
             admin: None,
@@ -496,6 +500,7 @@ impl Daemon {
             .arg(self.log_file())
             .args(["daemon", "--config"])
             .arg(&self.config)
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr);

@@ -1111,6 +1111,7 @@ fn daemon_readiness_follows_static_sandboxes_and_draining_and_metrics_parse() {
         (&json!("late"), &json!("active")),
         "{list:#?}"
     );
+    let id = list[0]["id"].as_u64().unwrap();
 
     let m0 = Metrics::scrape(&d);
     let egress_ca = d.ca_for_clients();
@@ -1299,6 +1300,53 @@ fn daemon_readiness_follows_static_sandboxes_and_draining_and_metrics_parse() {
         "the daemon's exit after draining: {status}; {}",
         d.stderr()
     );
+
+    // SIGTERM leaves the pins: the sandbox stays closed until a daemon runs again, and the
+    // next one takes it back (a static sandbox, from the config and the state file).
+    assert!(d.link_dir(id).exists(), "SIGTERM removed the link pins");
+    assert!(
+        !attached_programs(cg.path()).is_empty(),
+        "SIGTERM detached the programs"
+    );
+    let seen = origin.request_count();
+    let closed = curl_https(
+        &cg,
+        Some(&ns),
+        &egress_ca,
+        "origin.test",
+        ns.host_ip,
+        "/hello",
+    );
+    assert_eq!(closed.status, 0, "no daemon, no answer: {closed:?}");
+    assert_eq!(
+        origin.request_count(),
+        seen,
+        "a request went out with no daemon"
+    );
+    d.spawn();
+    wait_for("/readyz to answer 200 after the restart", || {
+        let (code, body) = d.admin_get("/readyz");
+        (code == 200).then_some(()).ok_or(format!("{code} {body}"))
+    });
+    let list = d.list();
+    assert_eq!(
+        (
+            &list[0]["name"],
+            list[0]["id"].as_u64(),
+            &list[0]["adopted"]
+        ),
+        (&json!("late"), Some(id), &json!(true)),
+        "{list:#?}"
+    );
+    let ok = curl_https(
+        &cg,
+        Some(&ns),
+        &egress_ca,
+        "origin.test",
+        ns.host_ip,
+        "/hello",
+    );
+    assert_eq!(ok.status, 200, "after the restart: {ok:?}");
 }
 
 /// The sandboxes as listed, without their counters (which traffic changes).
@@ -1510,4 +1558,57 @@ fn daemon_api_refuses_bad_input_outsiders_and_sandboxes() {
     );
     assert_eq!(registered(&d), before);
     assert!(attached_programs(cg_free.path()).is_empty());
+}
+
+// 8. `--detach-on-exit`: on SIGTERM the daemon removes every sandbox from the kernel, its
+//    pins and its state; the cgroups are no longer captured.
+#[test]
+fn daemon_detach_on_exit_removes_every_sandbox_and_its_pins() {
+    let (cg_static, cg_api) = (Cgroup::new("static"), Cgroup::new("api"));
+    let ns = Netns::with_veth();
+    let side = Upstream::start(&ns.host(8080).to_string());
+    let mut d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.s]\n\n[sandbox.t]\n".into(),
+        sandboxes: format!(
+            "[[sandbox]]\nname = \"s\"\ncgroup = \"{}\"\nnetns = \"{}\"\n",
+            cg_static.rel(),
+            ns.path.display()
+        ),
+        args: vec!["--detach-on-exit".into()],
+        ..Default::default()
+    });
+    d.add(json!({"name": "t", "cgroup": cg_api.rel(), "netns": ns.path}));
+    let state = d.confdir.join("daemon-state.json");
+    assert!(state.exists(), "the state file is written");
+    for cg in [&cg_static, &cg_api] {
+        assert_eq!(
+            connect_err(cg, Some(&ns), &ns.host(8080).to_string())["errno"],
+            libc::EPERM,
+            "{} is captured",
+            cg.rel()
+        );
+    }
+    d.sigterm();
+    let status = d.wait_exit();
+    assert!(status.success(), "{status}: {}", d.stderr());
+    assert!(
+        !d.pin_root.exists(),
+        "the pins outlive a detaching daemon: {:?}",
+        std::fs::read_dir(&d.pin_root).map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    assert!(
+        !state.exists(),
+        "the state file outlives a detaching daemon"
+    );
+    for cg in [&cg_static, &cg_api] {
+        let p = attached_programs(cg.path());
+        assert!(p.is_empty(), "{} still has {p:?}", cg.rel());
+        assert_eq!(
+            connect_err(cg, Some(&ns), &ns.host(8080).to_string())["ok"],
+            true,
+            "{} is no longer captured",
+            cg.rel()
+        );
+    }
+    assert_eq!(side.accepted(), 2);
 }
