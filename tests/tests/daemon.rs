@@ -606,8 +606,9 @@ fn connect_err(cg: &Cgroup, ns: Option<&Netns>, addr: &str) -> Value {
     })
 }
 
-// 3. Sandbox B is added and removed 20 times while sandbox A is under steady load: A loses
-//    no request, and every removal leaves nothing of B in the kernel.
+// 3. Sandbox B is added and removed 20 times while sandbox A is under steady load, every
+//    other time in A's own netns (sharing its listeners, as the containers of a pod do): A
+//    loses no request, and every removal leaves nothing of B in the kernel.
 #[test]
 fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
     need(PY);
@@ -615,6 +616,7 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
     let (ns_a, ns_b) = (Netns::with_veth(), Netns::with_veth());
     let ca = OriginCa::new();
     let origin = ca.origin(ns_a.host_ip, &["origin.test"]);
+    let side_a = Upstream::start(&ns_a.host(8080).to_string());
     let side_b = Upstream::start(&ns_b.host(8080).to_string());
     let d = Daemon::start(DaemonSpec {
         policy: "[sandbox.a]\nallow = [\"origin.test\"]\n\n[sandbox.b]\n".into(),
@@ -650,13 +652,14 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
             ))
         }
     });
-    let b_side = ns_b.host(8080).to_string();
     let started = std::time::Instant::now();
     let during = origin.request_count();
     let mut ids = Vec::new();
     for round in 0..20 {
         let before = origin.request_count();
-        let b = d.add(json!({"name": "b", "cgroup": cg_b.rel(), "netns": ns_b.path}));
+        let ns = if round % 2 == 0 { &ns_b } else { &ns_a };
+        let b_side = ns.host(8080).to_string();
+        let b = d.add(json!({"name": "b", "cgroup": cg_b.rel(), "netns": ns.path}));
         let id = b["id"].as_u64().unwrap_or_else(|| panic!("no id: {b}"));
         ids.push(id);
         let programs = attached_programs(cg_b.path());
@@ -664,7 +667,7 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
             programs.iter().any(|p| p == "egress_connect4"),
             "round {round}: B registered, yet its cgroup has {programs:?}"
         );
-        let refused = connect_err(&cg_b, Some(&ns_b), &b_side);
+        let refused = connect_err(&cg_b, Some(ns), &b_side);
         assert_eq!(
             refused["errno"],
             libc::EPERM,
@@ -692,7 +695,7 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
             ports.iter().all(|k| u64::from(k.sandbox) != id),
             "round {round}: INTERCEPT_PORTS rows of B (id {id}) outlived it: {ports:?}"
         );
-        let open = connect_err(&cg_b, Some(&ns_b), &b_side);
+        let open = connect_err(&cg_b, Some(ns), &b_side);
         assert_eq!(
             open["ok"], true,
             "round {round}: B removed, its cgroup is not captured any more: {open}"
@@ -735,8 +738,8 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
         "a new id for every registration, never reused: {ids:?}"
     );
     assert_eq!(
-        side_b.accepted(),
-        20,
+        (side_a.accepted(), side_b.accepted()),
+        (10, 10),
         "B reached its listener exactly when not registered"
     );
     // A is intact: its row, its ports, its programs.
@@ -1611,4 +1614,101 @@ fn daemon_detach_on_exit_removes_every_sandbox_and_its_pins() {
         );
     }
     assert_eq!(side.accepted(), 2);
+}
+
+// 9. The daemon follows the world: a sandbox whose cgroup is removed is dropped at the next
+//    re-check with all it had in the kernel; a changed policy file applies from the next
+//    request on `POST /v1/reload` and on SIGHUP, and an invalid one keeps the last good one.
+#[test]
+fn daemon_drops_vanished_cgroups_and_reloads_policies() {
+    let (cg_gone, cg_kept) = (Cgroup::new("vanishing"), Cgroup::new("reloaded"));
+    let ns = Netns::with_veth();
+    let ca = OriginCa::new();
+    let _origin = ca.origin(ns.host_ip, &["origin.test"]);
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.v]\n\n[sandbox.r]\nallow = [\"origin.test\"]\n".into(),
+        daemon: vec![ca.daemon_line(), "recheck_interval = \"1s\"".into()],
+        ..Default::default()
+    });
+    let gone = d.add(json!({"name": "v", "cgroup": cg_gone.rel(), "netns": ns.path}));
+    let gone_id = gone["id"].as_u64().unwrap();
+    let gone_cgroup = cg_gone.id();
+    d.add(json!({"name": "r", "cgroup": cg_kept.rel(), "netns": ns.path}));
+    std::fs::remove_dir(cg_gone.path()).unwrap();
+    wait_for(
+        "the re-check to drop the sandbox whose cgroup vanished",
+        || {
+            let list = d.list();
+            (list.len() == 1 && list[0]["name"] == "r")
+                .then_some(())
+                .ok_or(format!("{list:#?}"))
+        },
+    );
+    assert!(!d.link_dir(gone_id).exists(), "its link pins stay");
+    let rows = d.sandbox_rows();
+    assert!(
+        rows.iter()
+            .all(|(cg, s)| *cg != gone_cgroup && u64::from(s.id) != gone_id),
+        "its SANDBOXES row stays: {rows:?}"
+    );
+    assert!(
+        d.port_rows()
+            .iter()
+            .all(|k| u64::from(k.sandbox) != gone_id),
+        "its INTERCEPT_PORTS rows stay"
+    );
+    let state = std::fs::read_to_string(d.confdir.join("daemon-state.json")).unwrap();
+    assert!(
+        !state.contains(cg_gone.rel()),
+        "still in the state: {state}"
+    );
+
+    // Reload.
+    let egress_ca = d.ca_for_clients();
+    let fetch = || {
+        curl_https(
+            &cg_kept,
+            Some(&ns),
+            &egress_ca,
+            "origin.test",
+            ns.host_ip,
+            "/hello",
+        )
+        .status
+    };
+    assert_eq!(fetch(), 200);
+    let policy = d.path("policy.toml");
+    std::fs::write(
+        &policy,
+        "[sandbox.v]\n\n[sandbox.r]\nallow = [\"other.test\"]\n",
+    )
+    .unwrap();
+    let (code, report) = d.api("POST", "/v1/reload", None);
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["errors"], json!([]), "{report}");
+    assert_eq!(
+        fetch(),
+        403,
+        "after POST /v1/reload, origin.test is no longer allowed"
+    );
+    // Broken: the last good policy stays.
+    std::fs::write(&policy, "[sandbox.r]\nallow = [\"origin test\"]\n").unwrap();
+    let (code, report) = d.api("POST", "/v1/reload", None);
+    assert_eq!(code, 200, "{report}");
+    assert!(
+        report["errors"].as_array().is_some_and(|e| !e.is_empty()),
+        "an invalid policy file is reported: {report}"
+    );
+    assert_eq!(fetch(), 403, "an invalid policy file changes nothing");
+    // SIGHUP (or the daemon noticing the change itself).
+    std::fs::write(&policy, "[sandbox.r]\nallow = [\"origin.test\"]\n").unwrap();
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(
+        unsafe { libc::kill(d.pid() as libc::pid_t, libc::SIGHUP) },
+        0
+    );
+    wait_for("the policy to be reloaded on SIGHUP", || {
+        let status = fetch();
+        (status == 200).then_some(()).ok_or(format!("{status}"))
+    });
 }
