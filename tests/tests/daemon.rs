@@ -1712,3 +1712,84 @@ fn daemon_drops_vanished_cgroups_and_reloads_policies() {
         (status == 200).then_some(()).ok_or(format!("{status}"))
     });
 }
+
+// 10. A sandbox registered by pid follows its container: once the container is restarted in
+//     a new network namespace (its old one gone), the re-check binds listeners in the new
+//     one, and requests (and their upstream connections) work from there.
+#[test]
+fn daemon_follows_a_sandbox_registered_by_pid_into_its_new_netns() {
+    let cg = Cgroup::new("container");
+    let first = Netns::with_veth();
+    let second = Netns::with_veth();
+    let ca = OriginCa::new();
+    let origin_first = ca.origin(first.host_ip, &["origin.test"]);
+    let origin_second = ca.origin(second.host_ip, &["origin.test"]);
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.c]\nallow = [\"origin.test\"]\n".into(),
+        daemon: vec![ca.daemon_line(), "recheck_interval = \"1s\"".into()],
+        ..Default::default()
+    });
+    let egress_ca = d.ca_for_clients();
+    // The container's init.
+    let init = Background::start(&cg, Some(&first), &["sleep", "600"], &d.path("init1.out"));
+    let pid = wait_for("the container's init in its cgroup", || {
+        std::fs::read_to_string(cg.path().join("cgroup.procs"))
+            .map_err(|e| e.to_string())?
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+            .ok_or("empty".to_owned())
+    });
+    let added = d.add(json!({"name": "c", "cgroup": cg.rel(), "pid": pid}));
+    assert_ne!(added["netns"], "host", "{added}");
+    let fetch = |ns: &Netns| {
+        curl_https(
+            &cg,
+            Some(ns),
+            &egress_ca,
+            "origin.test",
+            ns.host_ip,
+            "/hello",
+        )
+        .status
+    };
+    assert_eq!(fetch(&first), 200);
+    assert_eq!(
+        origin_first.requests()[0].peer.ip(),
+        IpAddr::V4(first.sandbox_ip)
+    );
+
+    // The container restarts: its init goes, a new one comes up in a new namespace.
+    drop(init);
+    drop(first);
+    let _init = Background::start(&cg, Some(&second), &["sleep", "600"], &d.path("init2.out"));
+    wait_for(
+        "requests from the container's new namespace",
+        || match fetch(&second) {
+            200 => Ok(()),
+            other => Err(format!("{other}; daemon log: {:?}", d.logs().last())),
+        },
+    );
+    let seen = origin_second.requests();
+    assert_eq!(
+        seen[0].peer.ip(),
+        IpAddr::V4(second.sandbox_ip),
+        "the upstream connection leaves from the new namespace: {seen:?}"
+    );
+    let list = d.list();
+    assert_eq!(
+        list[0]["netns"],
+        format!("net:[{}]", ino(&second.path)),
+        "{list:#?}"
+    );
+    assert!(
+        d.logs().iter().any(|l| l["message"]
+            == "the sandbox's network namespace changed; listeners bound in the new one"),
+        "the move is logged"
+    );
+}
+
+fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(p).unwrap().ino()
+}
