@@ -74,6 +74,11 @@ pub fn write_hosts(path: &Path, fv: usize, mint: usize) -> Result<()> {
 /// nginx as the origin inside `ns`: one process, one worker, TLS 1.3 only, HTTP/1.1 and /2 on
 /// 443, plain HTTP on 80.
 pub fn start_origin(env: &Env, ns: &NetNs) -> Result<Proc> {
+    start_origin_on(env, ns, ORIGIN_IP)
+}
+
+/// The same origin listening on `ip` (an address of `ns`).
+pub fn start_origin_on(env: &Env, ns: &NetNs, ip: &str) -> Result<Proc> {
     let dir = env.run_dir.join(format!("nginx-{}", ns.name()));
     fs::create_dir_all(dir.join("tmp"))?;
     let conf = dir.join("nginx.conf");
@@ -112,7 +117,6 @@ http {{
 }}
 "#,
             dir = dir.display(),
-            ip = ORIGIN_IP,
             name = ORIGIN_NAME,
             domain = DOMAIN,
             cert = a.origin_cert().display(),
@@ -363,8 +367,13 @@ impl<'a> Session<'a> {
 
 /// An agent running as `nobody` in `ns`.
 fn nobody_agent(env: &Env, ns: &NetNs, stderr: &Path) -> Result<Agent> {
+    nobody_agent_with(env, ns, &env.hosts, stderr)
+}
+
+/// An agent running as `nobody` in `ns`, resolving names through `hosts`.
+pub fn nobody_agent_with(env: &Env, ns: &NetNs, hosts: &Path, stderr: &Path) -> Result<Agent> {
     let (uid, gid) = env.nobody;
-    let mut cmd = ns.command_with_hosts(&env.hosts, "setpriv");
+    let mut cmd = ns.command_with_hosts(hosts, "setpriv");
     cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
         .args(["--clear-groups", "--", "sh", "-c", sys::AGENT_LOOP]);
