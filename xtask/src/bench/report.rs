@@ -152,10 +152,16 @@ pub struct DaemonResults {
     pub add_us: Option<Summary>,
     /// `DELETE /v1/sandboxes/NAME`, microseconds.
     pub remove_us: Option<Summary>,
-    /// Daemon VmRSS: started and ready, with every sandbox added, after removing them all.
+    /// Daemon VmRSS: started and ready, with every sandbox added, after the keep-alive runs,
+    /// after removing every sandbox.
     pub rss_started_kib: Option<u64>,
     pub rss_added_kib: Option<u64>,
+    #[serde(default)]
+    pub rss_traffic_kib: Option<u64>,
     pub rss_removed_kib: Option<u64>,
+    /// How long the section took, seconds.
+    #[serde(default)]
+    pub secs: f64,
     /// wrk connections of the keep-alive comparison.
     pub ka_conns: usize,
     /// Keep-alive HTTPS through sandbox 0 (cpu: the daemon's), and from its namespace
@@ -222,11 +228,12 @@ impl DaemonResults {
             }
         }
         rows.push(row(
-            "Daemon RSS, MiB: started / with every sandbox / all removed again".into(),
+            "Daemon RSS, MiB: started / with every sandbox / after the keep-alive runs / every sandbox removed".into(),
             (self.rss_started_kib.is_some() || self.rss_added_kib.is_some()).then(|| {
                 [
                     self.rss_started_kib,
                     self.rss_added_kib,
+                    self.rss_traffic_kib,
                     self.rss_removed_kib,
                 ]
                 .map(|k| mib(k).unwrap_or_else(|| "—".into()))
@@ -930,6 +937,10 @@ impl Report {
         }
         if let Some(d) = &self.daemon {
             md.push_str("## Node daemon\n\n");
+            md.push_str(&format!(
+                "`egress daemon` with {} sandboxes, each a cgroup in its own network namespace (the container case); the section took {:.0} s.\n\n",
+                d.sandboxes, d.secs
+            ));
             md.push_str(&d.table());
             md.push_str(DAEMON_METHOD);
             md.push('\n');
@@ -1033,12 +1044,14 @@ to a file, audit to a file) runs in a namespace of its own that holds only `lo`,
 in a bench-owned `bpffs_dir` under `/sys/fs/bpf`. The harness makes one cgroup per sandbox
 under a cgroup of its own and one network namespace per sandbox (`ip netns add`, `lo` up),
 then adds them one after another with `POST /v1/sandboxes` `{name, cgroup, policy, netns}`
-over the API's unix socket. It speaks HTTP/1.1 itself, one connection per request; the time
+over the API's unix socket, every one with the policy `allow = [\"*.bench.test\"]`, and at the
+end removes them the same way with `DELETE /v1/sandboxes/NAME`. It speaks HTTP/1.1 itself, one connection per request; the time
 runs from the connect to the last byte of the answer (no `egress sandbox add` process is
 started), and covers the daemon binding the proxy and DNS listeners inside that namespace and
 attaching and pinning the programs. RSS is the daemon's `VmRSS` from `/proc/<pid>/status`
-half a second after it said it was ready, half a second after the last `add`, and after every
-sandbox was removed with `DELETE`. For the keep-alive comparison the first sandbox's
+half a second after it said it was ready, half a second after the last `add`, after the
+keep-alive comparison below, and after every sandbox was removed with `DELETE`; the per-sandbox
+figure uses only the first two. For the keep-alive comparison the first sandbox's
 namespace has a veth to another namespace where the origin (the same nginx as above) listens
 on 198.18.0.1 (RFC 2544 benchmarking range; the pair exists only between the two
 namespaces); `wrk -t1 -cN` on `/1k` runs as `nobody` from that namespace once inside the
@@ -1259,7 +1272,7 @@ mod tests {
             "12.500 (n=100)"
         );
         assert_eq!(cell("`remove`"), "n/a (daemon gone)");
-        assert_eq!(cell("Daemon RSS, MiB"), "20.0 / 220 / —");
+        assert_eq!(cell("Daemon RSS, MiB"), "20.0 / 220 / — / —");
         assert_eq!(cell("Keep-alive HTTPS req/s through"), "5,000");
         assert_eq!(cell("… sandbox ÷ direct"), "0.50×");
         assert_eq!(cell("… daemon CPU"), "100 (25% sys)");
@@ -1272,7 +1285,8 @@ mod tests {
         let mut r = sample();
         r.daemon = Some(d);
         let md = r.markdown(None);
-        assert!(md.contains("## Node daemon\n\n| Metric | egress daemon |"));
+        assert!(md.contains("## Node daemon\n\n`egress daemon` with 100 sandboxes"));
+        assert!(md.contains("\n\n| Metric | egress daemon |"));
         assert!(r
             .missed()
             .iter()
