@@ -21,7 +21,20 @@ use super::{
 /// Where mitmproxy, Squid and the reference relay listen inside their namespace.
 const MITMPROXY_PORT: u16 = 8080;
 const SQUID_PORT: u16 = 3129;
+const SQUID_HTTP_PORT: u16 = 3128;
 pub const RELAY_PORT: u16 = 18080;
+/// Every port a listener of the harness binds inside a namespace it made after traffic has
+/// flowed there (the node daemon's fixed listener ports too). The namespaces hand out source
+/// ports from 1024 up, so these are reserved: a connection left over from an earlier phase
+/// must not hold one when its listener starts.
+pub const LISTEN_PORTS: &[u16] = &[
+    SQUID_HTTP_PORT,
+    SQUID_PORT,
+    MITMPROXY_PORT,
+    15001,
+    15053,
+    RELAY_PORT,
+];
 
 /// Everything the sessions share.
 pub struct Env {
@@ -405,7 +418,7 @@ fn write_squid_conf(env: &Env) -> Result<PathBuf> {
         format!(
             r#"workers 1
 visible_hostname bench
-http_port 127.0.0.1:3128
+http_port 127.0.0.1:{SQUID_HTTP_PORT}
 https_port 127.0.0.1:{SQUID_PORT} intercept ssl-bump tls-cert={d}/ca.pem tls-key={d}/ca-key.pem generate-host-certificates=on dynamic_cert_mem_cache_size=64MB tls-min-version=1.3
 sslcrtd_program /usr/lib/squid/security_file_certgen -s {d}/ssl_db -M 64MB
 sslcrtd_children 8 startup=1 idle=1

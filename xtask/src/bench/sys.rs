@@ -157,8 +157,14 @@ impl NetNs {
         };
         output(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
         // Per-namespace settings: room for many short connections and deep accept queues.
+        let reserved = super::peers::LISTEN_PORTS
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         for (key, value) in [
             ("net.ipv4.ip_local_port_range", "1024 65535"),
+            ("net.ipv4.ip_local_reserved_ports", reserved.as_str()),
             ("net.ipv4.tcp_tw_reuse", "1"),
             ("net.core.somaxconn", "8192"),
             ("net.ipv4.tcp_max_syn_backlog", "8192"),
