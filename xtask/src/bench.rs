@@ -197,7 +197,12 @@ pub fn run(opts: Options) -> Result<()> {
     } else if opts.daemon_only {
         let mut notes = Vec::new();
         let r = daemon::measure(&env, &plan.daemon, &ProcReader::new(), &mut notes);
-        println!("{}", r.table());
+        println!(
+            "Node daemon: {} sandboxes, {:.0} s\n\n{}",
+            r.sandboxes,
+            r.secs,
+            r.table()
+        );
         for n in notes {
             println!("- {n}");
         }

@@ -342,6 +342,7 @@ pub fn measure(
     reader: &ProcReader,
     notes: &mut Vec<String>,
 ) -> DaemonResults {
+    let t = Instant::now();
     let mut r = DaemonResults {
         sandboxes: plan.sandboxes,
         ka_conns: plan.conns,
@@ -352,6 +353,7 @@ pub fn measure(
         eprintln!("bench: daemon: {}", sys::tail(&msg, 5));
         r.missing.insert("section".into(), short_reason(&msg));
     }
+    r.secs = t.elapsed().as_secs_f64();
     r
 }
 
@@ -396,6 +398,8 @@ fn measure_into(
         eprintln!("bench: daemon: keep-alive: {}", sys::tail(&msg, 5));
         r.missing.insert("keepalive".into(), short_reason(&msg));
     }
+    settle();
+    r.rss_traffic_kib = Some(reader.rss_kib(&[pid]));
 
     let mut removes = Vec::with_capacity(n);
     for i in 0..n {

@@ -1045,9 +1045,9 @@ in a bench-owned `bpffs_dir` under `/sys/fs/bpf`. The harness makes one cgroup p
 under a cgroup of its own and one network namespace per sandbox (`ip netns add`, `lo` up),
 then adds them one after another with `POST /v1/sandboxes` `{name, cgroup, policy, netns}`
 over the API's unix socket, every one with the policy `allow = [\"*.bench.test\"]`, and at the
-end removes them the same way with `DELETE /v1/sandboxes/NAME`. It speaks HTTP/1.1 itself, one connection per request; the time
-runs from the connect to the last byte of the answer (no `egress sandbox add` process is
-started), and covers the daemon binding the proxy and DNS listeners inside that namespace and
+end removes them the same way with `DELETE /v1/sandboxes/NAME`. It speaks HTTP/1.1 itself,
+one connection per request; the time runs from the connect to the last byte of the answer
+(no `egress sandbox add` process is started), and covers the daemon binding the proxy and DNS listeners inside that namespace and
 attaching and pinning the programs. RSS is the daemon's `VmRSS` from `/proc/<pid>/status`
 half a second after it said it was ready, half a second after the last `add`, after the
 keep-alive comparison below, and after every sandbox was removed with `DELETE`; the per-sandbox
