@@ -7,8 +7,13 @@
 //! from `/proc` around every phase ([`sys`]). wrk, h2load and curl do what they do well; the
 //! harness's own client ([`client`]) does open-loop latency, first visits, minting, idle
 //! connections and bare connects. [`report`] judges the targets and renders the table.
+//!
+//! A second section ([`daemon`]) measures `egress daemon` on its own: `add` latency and RSS
+//! with many sandboxes, each a cgroup in its own network namespace, and keep-alive HTTPS
+//! through one of them against the same client outside any sandbox.
 
 mod client;
+mod daemon;
 mod install;
 mod parse;
 mod peers;
@@ -35,6 +40,8 @@ use self::{
 pub struct Options {
     pub quick: bool,
     pub smoke: bool,
+    /// Only the node daemon section: print its table, write no report.
+    pub daemon_only: bool,
     /// Use this egress binary instead of building one.
     pub egress_bin: Option<PathBuf>,
 }
@@ -71,6 +78,7 @@ struct Plan {
     m7_secs: u32,
     m7_concurrency: usize,
     profile_secs: u32,
+    daemon: daemon::Plan,
 }
 
 impl Plan {
@@ -98,6 +106,7 @@ impl Plan {
             m7_secs: 8,
             m7_concurrency: 32,
             profile_secs: 5,
+            daemon: daemon::Plan::full(),
         }
     }
 
@@ -117,6 +126,7 @@ impl Plan {
             idle_secs: 4.0,
             m7_secs: 2,
             profile_secs: 0,
+            daemon: daemon::Plan::quick(),
             ..Self::full()
         }
     }
@@ -134,6 +144,7 @@ impl Plan {
             s("First visit / minting (metric 5)", format!("up to {} new names or {} s; up to {} new hosts or {} s, {} at a time", self.fv_count, self.fv_secs, self.mint_count, self.mint_secs, self.mint_concurrency)),
             s("Idle connections (metric 6)", format!("up to {} connections or {} s to open them, 32 at a time", self.idle_count, self.idle_secs)),
             s("Redirect (metric 7)", format!("{} s per arm, {} concurrent connectors; wrk -c{} for plain HTTP", self.m7_secs, self.m7_concurrency, self.m7_concurrency)),
+            s("Node daemon", self.daemon.describe()),
         ]
     }
 }
@@ -183,6 +194,22 @@ pub fn run(opts: Options) -> Result<()> {
 
     let outcome = if opts.smoke {
         smoke(&env, &plain, &nat)
+    } else if opts.daemon_only {
+        let mut notes = Vec::new();
+        let r = daemon::measure(&env, &plan.daemon, &ProcReader::new(), &mut notes);
+        println!(
+            "Node daemon: {} sandboxes, {:.0} s\n\n{}",
+            r.sandboxes,
+            r.secs,
+            r.table()
+        );
+        for n in notes {
+            println!("- {n}");
+        }
+        match r.missing.get("section") {
+            Some(why) => Err(anyhow::anyhow!("the daemon section failed: {why}")),
+            None => Ok(()),
+        }
     } else {
         measure(&env, &plain, &nat, &plan, started).and_then(|report| {
             write_report(&root, &bench_dir, &report, opts.quick)?;
@@ -242,6 +269,17 @@ fn smoke(env: &Env, plain: &NetNs, nat: &NetNs) -> Result<()> {
                 eprintln!("bench smoke: {kind}: FAILED: {e:#}");
                 failures.push(kind.to_string());
             }
+        }
+    }
+    let t = Instant::now();
+    match daemon::smoke(env) {
+        Ok(what) => eprintln!(
+            "bench smoke: node daemon: ok ({what}) in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ),
+        Err(e) => {
+            eprintln!("bench smoke: node daemon: FAILED: {e:#}");
+            failures.push("node daemon".into());
         }
     }
     if !failures.is_empty() {
@@ -406,6 +444,18 @@ fn measure(env: &Env, plain: &NetNs, nat: &NetNs, plan: &Plan, started: Instant)
             ));
         }
     }
+    eprintln!("bench: node daemon …");
+    let t = Instant::now();
+    report.daemon = Some(daemon::measure(
+        env,
+        &plan.daemon,
+        &reader,
+        &mut report.notes,
+    ));
+    eprintln!(
+        "bench: node daemon done in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
     report.duration_secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -986,6 +1036,9 @@ fn write_report(root: &Path, bench_dir: &Path, report: &Report, quick: bool) -> 
         serde_json::to_string_pretty(report)?,
     )?;
     println!("{}", report.table());
+    if let Some(d) = &report.daemon {
+        println!("Node daemon\n\n{}", d.table());
+    }
     eprintln!("bench: wrote {}", path.display());
     Ok(())
 }

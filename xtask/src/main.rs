@@ -48,12 +48,17 @@ enum Cmd {
         /// A run of about two minutes; writes target/bench/BENCHMARKS.quick.md.
         #[arg(long, conflicts_with = "smoke")]
         quick: bool,
-        /// Only check that every peer starts and answers one request (for CI).
+        /// Only check that every peer starts and answers one request, and that the node
+        /// daemon adds, serves and removes one netns sandbox (for CI).
         #[arg(long)]
         smoke: bool,
         /// Use this egress binary instead of building one.
         #[arg(long, value_name = "PATH")]
         egress_bin: Option<PathBuf>,
+        /// Only the node daemon section (with --quick: its quick plan); prints its table and
+        /// writes no report.
+        #[arg(long, conflicts_with = "smoke")]
+        daemon_only: bool,
         /// Internal: run one load-generator job (JSON) inside a sandbox.
         #[arg(long, hide = true, value_name = "JSON")]
         internal: Option<String>,
@@ -99,10 +104,12 @@ fn main() -> Result<()> {
             quick,
             smoke,
             egress_bin,
+            daemon_only,
             internal: None,
         } => bench::run(bench::Options {
             quick,
             smoke,
+            daemon_only,
             egress_bin,
         }),
     }

@@ -21,7 +21,20 @@ use super::{
 /// Where mitmproxy, Squid and the reference relay listen inside their namespace.
 const MITMPROXY_PORT: u16 = 8080;
 const SQUID_PORT: u16 = 3129;
+const SQUID_HTTP_PORT: u16 = 3128;
 pub const RELAY_PORT: u16 = 18080;
+/// Every port a listener of the harness binds inside a namespace it made after traffic has
+/// flowed there (the node daemon's fixed listener ports too). The namespaces hand out source
+/// ports from 1024 up, so these are reserved: a connection left over from an earlier phase
+/// must not hold one when its listener starts.
+pub const LISTEN_PORTS: &[u16] = &[
+    SQUID_HTTP_PORT,
+    SQUID_PORT,
+    MITMPROXY_PORT,
+    15001,
+    15053,
+    RELAY_PORT,
+];
 
 /// Everything the sessions share.
 pub struct Env {
@@ -74,6 +87,11 @@ pub fn write_hosts(path: &Path, fv: usize, mint: usize) -> Result<()> {
 /// nginx as the origin inside `ns`: one process, one worker, TLS 1.3 only, HTTP/1.1 and /2 on
 /// 443, plain HTTP on 80.
 pub fn start_origin(env: &Env, ns: &NetNs) -> Result<Proc> {
+    start_origin_on(env, ns, ORIGIN_IP)
+}
+
+/// The same origin listening on `ip` (an address of `ns`).
+pub fn start_origin_on(env: &Env, ns: &NetNs, ip: &str) -> Result<Proc> {
     let dir = env.run_dir.join(format!("nginx-{}", ns.name()));
     fs::create_dir_all(dir.join("tmp"))?;
     let conf = dir.join("nginx.conf");
@@ -112,7 +130,6 @@ http {{
 }}
 "#,
             dir = dir.display(),
-            ip = ORIGIN_IP,
             name = ORIGIN_NAME,
             domain = DOMAIN,
             cert = a.origin_cert().display(),
@@ -363,8 +380,13 @@ impl<'a> Session<'a> {
 
 /// An agent running as `nobody` in `ns`.
 fn nobody_agent(env: &Env, ns: &NetNs, stderr: &Path) -> Result<Agent> {
+    nobody_agent_with(env, ns, &env.hosts, stderr)
+}
+
+/// An agent running as `nobody` in `ns`, resolving names through `hosts`.
+pub fn nobody_agent_with(env: &Env, ns: &NetNs, hosts: &Path, stderr: &Path) -> Result<Agent> {
     let (uid, gid) = env.nobody;
-    let mut cmd = ns.command_with_hosts(&env.hosts, "setpriv");
+    let mut cmd = ns.command_with_hosts(hosts, "setpriv");
     cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
         .args(["--clear-groups", "--", "sh", "-c", sys::AGENT_LOOP]);
@@ -396,7 +418,7 @@ fn write_squid_conf(env: &Env) -> Result<PathBuf> {
         format!(
             r#"workers 1
 visible_hostname bench
-http_port 127.0.0.1:3128
+http_port 127.0.0.1:{SQUID_HTTP_PORT}
 https_port 127.0.0.1:{SQUID_PORT} intercept ssl-bump tls-cert={d}/ca.pem tls-key={d}/ca-key.pem generate-host-certificates=on dynamic_cert_mem_cache_size=64MB tls-min-version=1.3
 sslcrtd_program /usr/lib/squid/security_file_certgen -s {d}/ssl_db -M 64MB
 sslcrtd_children 8 startup=1 idle=1

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     client::{CountResult, FirstVisitResult},
+    parse::Summary,
     sys::Cpu,
 };
 
@@ -141,6 +142,176 @@ pub struct PeerResults {
     pub missing: BTreeMap<String, String>,
 }
 
+/// The node daemon section: `egress daemon` with many sandboxes, each a cgroup in its own
+/// network namespace.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DaemonResults {
+    /// Sandboxes added (and then removed).
+    pub sandboxes: usize,
+    /// `POST /v1/sandboxes`, connect to last byte of the answer, microseconds.
+    pub add_us: Option<Summary>,
+    /// `DELETE /v1/sandboxes/NAME`, microseconds.
+    pub remove_us: Option<Summary>,
+    /// Daemon VmRSS: started and ready, with every sandbox added, after the keep-alive runs,
+    /// after removing every sandbox.
+    pub rss_started_kib: Option<u64>,
+    pub rss_added_kib: Option<u64>,
+    #[serde(default)]
+    pub rss_traffic_kib: Option<u64>,
+    pub rss_removed_kib: Option<u64>,
+    /// How long the section took, seconds.
+    #[serde(default)]
+    pub secs: f64,
+    /// wrk connections of the keep-alive comparison.
+    pub ka_conns: usize,
+    /// Keep-alive HTTPS through sandbox 0 (cpu: the daemon's), and from its namespace
+    /// outside any sandbox.
+    pub ka_sandbox: Option<Rate>,
+    pub ka_direct: Option<Rate>,
+    /// Allowed requests the daemon counted for sandbox 0 during the comparison.
+    pub counted_requests: Option<u64>,
+    /// Why a value is missing: key -> reason.
+    pub missing: BTreeMap<String, String>,
+}
+
+impl DaemonResults {
+    pub fn rss_per_sandbox_kib(&self) -> Option<f64> {
+        let (a, b) = (self.rss_added_kib?, self.rss_started_kib?);
+        (self.sandboxes > 0).then(|| (a as f64 - b as f64) / self.sandboxes as f64)
+    }
+
+    pub fn ka_ratio(&self) -> Option<f64> {
+        let (s, d) = (self.ka_sandbox.as_ref()?, self.ka_direct.as_ref()?);
+        (d.per_sec() > 0.0).then(|| s.per_sec() / d.per_sec())
+    }
+
+    /// The section's rows: metric, value, target, verdict.
+    pub fn rows(&self) -> Vec<Row> {
+        let n = self.sandboxes;
+        let why = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| self.missing.get(*k))
+                .map(|r| format!("n/a ({r})"))
+                .unwrap_or_else(|| "—".into())
+        };
+        let row = |metric: String, value: Option<String>, keys: &[&str]| Row {
+            metric,
+            cells: vec![value.unwrap_or_else(|| why(keys))],
+            target: String::new(),
+            verdict: None,
+        };
+        let mib = |k: Option<u64>| k.map(|k| num(k as f64 / 1024.0));
+        let mut rows = Vec::new();
+        for (what, pick, key) in [
+            (
+                "`add`: `POST /v1/sandboxes`",
+                (|d: &DaemonResults| d.add_us.as_ref()) as fn(&DaemonResults) -> Option<&Summary>,
+                "add",
+            ),
+            (
+                "`remove`: `DELETE /v1/sandboxes/NAME`",
+                |d: &DaemonResults| d.remove_us.as_ref(),
+                "remove",
+            ),
+        ] {
+            for (pct, get) in [
+                ("p50", (|s: &Summary| s.p50) as fn(&Summary) -> f64),
+                ("p99", |s: &Summary| s.p99),
+            ] {
+                rows.push(row(
+                    format!(
+                        "{what} latency {pct}, ms ({n} sandboxes, each its own cgroup and netns)"
+                    ),
+                    pick(self).map(|s| format!("{} (n={})", ms(get(s)), s.n)),
+                    &[key, "section"],
+                ));
+            }
+        }
+        rows.push(row(
+            "Daemon RSS, MiB: started / with every sandbox / after the keep-alive runs / every sandbox removed".into(),
+            (self.rss_started_kib.is_some() || self.rss_added_kib.is_some()).then(|| {
+                [
+                    self.rss_started_kib,
+                    self.rss_added_kib,
+                    self.rss_traffic_kib,
+                    self.rss_removed_kib,
+                ]
+                .map(|k| mib(k).unwrap_or_else(|| "—".into()))
+                .join(" / ")
+            }),
+            &["rss", "add", "section"],
+        ));
+        let per = self.rss_per_sandbox_kib();
+        rows.push(Row {
+            target: "≤1 MiB".into(),
+            verdict: Some(at_most_abs(per, 1024.0, "KiB")),
+            ..row(
+                format!("Daemon RSS per sandbox, KiB ((with {n} − started) / {n})"),
+                per.map(num),
+                &["rss", "add", "section"],
+            )
+        });
+        let c = self.ka_conns;
+        let rate_cell = |r: Option<&Rate>| {
+            r.map(|r| {
+                let mut s = num(r.per_sec());
+                if r.errors > 0 {
+                    s.push_str(&format!(" [{} errors]", num(r.errors as f64)));
+                }
+                s
+            })
+        };
+        rows.push(row(
+            format!("Keep-alive HTTPS req/s through a netns sandbox (wrk, {c} connections, 1 KiB)"),
+            rate_cell(self.ka_sandbox.as_ref()),
+            &["ka_sandbox", "keepalive", "section"],
+        ));
+        rows.push(row(
+            format!("Keep-alive HTTPS req/s direct from the same netns (wrk, {c} connections)"),
+            rate_cell(self.ka_direct.as_ref()),
+            &["ka_direct", "keepalive", "section"],
+        ));
+        rows.push(row(
+            "… sandbox ÷ direct".into(),
+            self.ka_ratio().map(|r| format!("{}×", ratio(r))),
+            &["ka_sandbox", "ka_direct", "keepalive", "section"],
+        ));
+        rows.push(row(
+            "… daemon CPU µs per request through the sandbox".into(),
+            self.ka_sandbox.as_ref().and_then(|r| {
+                let c = r.cpu?;
+                let sys = if c.total() > 0.0 {
+                    c.sys / c.total() * 100.0
+                } else {
+                    0.0
+                };
+                Some(format!("{} ({sys:.0}% sys)", num(r.cpu_per_op()? * 1e6)))
+            }),
+            &["ka_sandbox", "keepalive", "section"],
+        ));
+        rows
+    }
+
+    pub fn table(&self) -> String {
+        let headers: Vec<String> = ["Metric", "egress daemon", "Target", "vs target"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let rows: Vec<Vec<String>> = self
+            .rows()
+            .into_iter()
+            .map(|r| {
+                let mut v = vec![r.metric];
+                v.extend(r.cells);
+                v.push(r.target);
+                v.push(r.verdict.map(|v| v.cell()).unwrap_or_default());
+                v
+            })
+            .collect();
+        markdown_table(&headers, &rows, &[1])
+    }
+}
+
 /// A whole run.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -155,6 +326,9 @@ pub struct Report {
     /// Profile excerpts, by phase name.
     pub profiles: Vec<(String, String)>,
     pub notes: Vec<String>,
+    /// The node daemon section.
+    #[serde(default)]
+    pub daemon: Option<DaemonResults>,
 }
 
 /// Thousands separators for whole numbers, sensible decimals for small ones.
@@ -710,8 +884,15 @@ impl Report {
 
     /// The targets egress missed, one line each.
     pub fn missed(&self) -> Vec<String> {
+        let daemon = self.daemon.iter().flat_map(|d| {
+            d.rows().into_iter().map(|mut r| {
+                r.metric = format!("Node daemon: {}", r.metric);
+                r
+            })
+        });
         self.rows()
             .into_iter()
+            .chain(daemon)
             .filter_map(|r| match r.verdict {
                 Some(Verdict::Missed(s)) => Some(format!("{}: {s}", r.metric)),
                 _ => None,
@@ -752,6 +933,16 @@ impl Report {
             for m in missed {
                 md.push_str(&format!("- {m}\n"));
             }
+            md.push('\n');
+        }
+        if let Some(d) = &self.daemon {
+            md.push_str("## Node daemon\n\n");
+            md.push_str(&format!(
+                "`egress daemon` with {} sandboxes, each a cgroup in its own network namespace (the container case); the section took {:.0} s.\n\n",
+                d.sandboxes, d.secs
+            ));
+            md.push_str(&d.table());
+            md.push_str(DAEMON_METHOD);
             md.push('\n');
         }
         md.push_str("## Analysis\n\n");
@@ -845,6 +1036,28 @@ How each number is made:
   destination only from its own BPF record and refuses connections without one. *Plain HTTP*:
   `wrk -H 'Connection: close'` on port 80 (egress parses HTTP and pools its upstream; the
   relay splices bytes and dials the origin per connection).
+";
+
+const DAEMON_METHOD: &str = "
+How: `egress daemon --config FILE --detach-on-exit` (`TOKIO_WORKER_THREADS=1`, log at info
+to a file, audit to a file) runs in a namespace of its own that holds only `lo`, with its pins
+in a bench-owned `bpffs_dir` under `/sys/fs/bpf`. The harness makes one cgroup per sandbox
+under a cgroup of its own and one network namespace per sandbox (`ip netns add`, `lo` up),
+then adds them one after another with `POST /v1/sandboxes` `{name, cgroup, policy, netns}`
+over the API's unix socket, every one with the policy `allow = [\"*.bench.test\"]`, and at the
+end removes them the same way with `DELETE /v1/sandboxes/NAME`. It speaks HTTP/1.1 itself,
+one connection per request; the time runs from the connect to the last byte of the answer
+(no `egress sandbox add` process is started), and covers the daemon binding the proxy and DNS listeners inside that namespace and
+attaching and pinning the programs. RSS is the daemon's `VmRSS` from `/proc/<pid>/status`
+half a second after it said it was ready, half a second after the last `add`, after the
+keep-alive comparison below, and after every sandbox was removed with `DELETE`; the per-sandbox
+figure uses only the first two. For the keep-alive comparison the first sandbox's
+namespace has a veth to another namespace where the origin (the same nginx as above) listens
+on 198.18.0.1 (RFC 2544 benchmarking range; the pair exists only between the two
+namespaces); `wrk -t1 -cN` on `/1k` runs as `nobody` from that namespace once inside the
+sandbox's cgroup (through egress, upstream from the sandbox's namespace) and once outside any
+sandbox (direct), in alternating rounds after a warm-up of each. A curl through the sandbox
+first checks that the answer carries the daemon's certificate.
 ";
 
 #[cfg(test)]
@@ -1020,6 +1233,69 @@ mod tests {
             .expect("idle row");
         assert_eq!(idle.cells[1], "40.0 (n=1,000)");
         assert!(matches!(idle.verdict, Some(Verdict::Met(_))));
+    }
+
+    #[test]
+    fn daemon_rows_and_section() {
+        let d = DaemonResults {
+            sandboxes: 100,
+            add_us: Some(Summary {
+                n: 100,
+                p50: 4_000.0,
+                p99: 12_500.0,
+                ..Default::default()
+            }),
+            rss_started_kib: Some(20 * 1024),
+            rss_added_kib: Some(20 * 1024 + 100 * 2048),
+            ka_conns: 64,
+            ka_sandbox: Some(rate(50_000, 10.0, Some(5.0))),
+            ka_direct: Some(rate(100_000, 10.0, None)),
+            missing: [("remove".to_owned(), "daemon gone".to_owned())].into(),
+            ..Default::default()
+        };
+        assert_eq!(d.rss_per_sandbox_kib(), Some(2048.0));
+        assert_eq!(d.ka_ratio(), Some(0.5));
+        let rows = d.rows();
+        let cell = |prefix: &str| {
+            rows.iter()
+                .find(|r| r.metric.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no row {prefix}"))
+                .cells[0]
+                .clone()
+        };
+        assert_eq!(
+            cell("`add`: `POST /v1/sandboxes` latency p50"),
+            "4.000 (n=100)"
+        );
+        assert_eq!(
+            cell("`add`: `POST /v1/sandboxes` latency p99"),
+            "12.500 (n=100)"
+        );
+        assert_eq!(cell("`remove`"), "n/a (daemon gone)");
+        assert_eq!(cell("Daemon RSS, MiB"), "20.0 / 220 / — / —");
+        assert_eq!(cell("Keep-alive HTTPS req/s through"), "5,000");
+        assert_eq!(cell("… sandbox ÷ direct"), "0.50×");
+        assert_eq!(cell("… daemon CPU"), "100 (25% sys)");
+        let per = rows
+            .iter()
+            .find(|r| r.metric.starts_with("Daemon RSS per sandbox"))
+            .expect("per-sandbox row");
+        assert!(matches!(per.verdict, Some(Verdict::Missed(_))));
+
+        let mut r = sample();
+        r.daemon = Some(d);
+        let md = r.markdown(None);
+        assert!(md.contains("## Node daemon\n\n`egress daemon` with 100 sandboxes"));
+        assert!(md.contains("\n\n| Metric | egress daemon |"));
+        assert!(r
+            .missed()
+            .iter()
+            .any(|m| m.starts_with("Node daemon: Daemon RSS per sandbox")));
+        let empty = DaemonResults {
+            missing: [("section".to_owned(), "no bpffs".to_owned())].into(),
+            ..Default::default()
+        };
+        assert!(empty.rows().iter().all(|r| r.cells[0] == "n/a (no bpffs)"));
     }
 
     #[test]

@@ -157,8 +157,14 @@ impl NetNs {
         };
         output(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
         // Per-namespace settings: room for many short connections and deep accept queues.
+        let reserved = super::peers::LISTEN_PORTS
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         for (key, value) in [
             ("net.ipv4.ip_local_port_range", "1024 65535"),
+            ("net.ipv4.ip_local_reserved_ports", reserved.as_str()),
             ("net.ipv4.tcp_tw_reuse", "1"),
             ("net.core.somaxconn", "8192"),
             ("net.ipv4.tcp_max_syn_backlog", "8192"),
@@ -171,8 +177,48 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// A namespace with `lo` up and nothing else: no sysctls, two commands. For the node
+    /// daemon's many sandbox namespaces, where only the listeners egress binds live.
+    pub fn create_bare(name: &str) -> Result<Self> {
+        output(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        output(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The namespace's file, as `ip netns` mounts it.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// A veth pair between this namespace and `peer`, made inside this namespace (it never
+    /// appears in the host's), each end up with a /30 address; it goes away with either
+    /// namespace.
+    pub fn veth_to(&self, peer: &NetNs, here: &str, there: &str) -> Result<()> {
+        let ip = |ns: &str, args: &[&str]| output(Command::new("ip").arg("-n").arg(ns).args(args));
+        ip(
+            &self.name,
+            &[
+                "link", "add", "egb0", "type", "veth", "peer", "name", "egb1", "netns", &peer.name,
+            ],
+        )?;
+        ip(
+            &self.name,
+            &["addr", "add", &format!("{here}/30"), "dev", "egb0"],
+        )?;
+        ip(
+            &peer.name,
+            &["addr", "add", &format!("{there}/30"), "dev", "egb1"],
+        )?;
+        ip(&self.name, &["link", "set", "egb0", "up"])?;
+        ip(&peer.name, &["link", "set", "egb1", "up"])?;
+        Ok(())
     }
 
     /// `program` run inside the namespace (network only; mounts are the host's).
@@ -240,6 +286,149 @@ impl Drop for NetNs {
         }
         if let Err(e) = output(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("bench: {e}");
+        }
+    }
+}
+
+/// Where the cgroup2 hierarchy is mounted, from the text of `/proc/self/mountinfo`.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    parse_cgroup2_mount(&text).context("no cgroup2 hierarchy is mounted")
+}
+
+/// A cgroup directory the harness made, with child cgroups under it. On drop every process
+/// still in them (started by the harness) is killed by pid, and the directories go.
+pub struct CgroupTree {
+    parent: PathBuf,
+    children: Vec<PathBuf>,
+}
+
+impl CgroupTree {
+    /// Creates `parent` and `parent/<name>` for every name.
+    pub fn create(parent: PathBuf, names: &[String]) -> Result<Self> {
+        fs::create_dir(&parent).with_context(|| format!("creating {}", parent.display()))?;
+        let mut t = Self {
+            parent,
+            children: Vec::new(),
+        };
+        for n in names {
+            let c = t.parent.join(n);
+            fs::create_dir(&c).with_context(|| format!("creating {}", c.display()))?;
+            t.children.push(c);
+        }
+        Ok(t)
+    }
+
+    /// Moves `pid` (and so everything it starts later) into child `i`.
+    pub fn join(&self, i: usize, pid: u32) -> Result<()> {
+        let procs = self.children[i].join("cgroup.procs");
+        fs::write(&procs, pid.to_string())
+            .with_context(|| format!("moving {pid} into {}", procs.display()))
+    }
+
+    /// Deletes the cgroups left by earlier runs whose process is gone (`<root>/<PREFIX><pid>`).
+    /// A cgroup that still holds processes stays, with a warning.
+    pub fn remove_stale(root: &Path) {
+        for e in fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name
+                .strip_prefix(NetNs::PREFIX)
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{owner}")).exists() {
+                continue;
+            }
+            eprintln!("bench: removing stale cgroup {}", e.path().display());
+            for c in fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                if c.path().is_dir() {
+                    let _ = fs::remove_dir(c.path());
+                }
+            }
+            if let Err(err) = fs::remove_dir(e.path()) {
+                eprintln!("bench: {}: {err}", e.path().display());
+            }
+        }
+    }
+}
+
+impl Drop for CgroupTree {
+    fn drop(&mut self) {
+        for c in self.children.iter().rev() {
+            for _ in 0..3 {
+                let pids: Vec<i32> = fs::read_to_string(c.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect();
+                if pids.is_empty() {
+                    break;
+                }
+                for p in pids {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if let Err(e) = fs::remove_dir(c) {
+                eprintln!("bench: removing {}: {e}", c.display());
+            }
+        }
+        if let Err(e) = fs::remove_dir(&self.parent) {
+            eprintln!("bench: removing {}: {e}", self.parent.display());
+        }
+    }
+}
+
+/// A directory of pinned BPF objects the harness had a daemon use, removed on drop if the
+/// daemon left anything behind (unpinning the links detaches their programs).
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Deletes pin directories of earlier runs whose process is gone
+    /// (`<bpffs>/<PREFIX><pid>`).
+    pub fn remove_stale(bpffs: &Path) {
+        for e in fs::read_dir(bpffs).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name
+                .strip_prefix(NetNs::PREFIX)
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{owner}")).exists() {
+                eprintln!("bench: removing stale pins {}", e.path().display());
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                eprintln!("bench: removing {}: {e}", self.path.display());
+            }
         }
     }
 }
@@ -695,6 +884,23 @@ mod tests {
         assert_eq!(sh_quote("a b"), "'a b'");
         assert_eq!(sh_quote(r#"{"k":"it's"}"#), r#"'{"k":"it'\''s"}'"#);
         assert_eq!(sh_quote(""), "''");
+    }
+
+    #[test]
+    fn cgroup2_mount_is_found_among_v1_mounts() {
+        let text = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/memory rw,nosuid shared:11 - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            parse_cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("32 30 0:28 / /x rw - cgroup cgroup rw\n"),
+            None
+        );
     }
 
     #[test]
