@@ -1793,3 +1793,126 @@ fn ino(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(p).unwrap().ino()
 }
+
+/// A sandbox `s` in its own netns under a daemon whose drain timeout is `drain`, and a way
+/// to start a request that the origin holds until released.
+struct Draining {
+    d: Daemon,
+    egress_ca: PathBuf,
+    ca: OriginCa,
+    side: Upstream,
+    ns: Netns,
+    cg: Cgroup,
+}
+
+impl Draining {
+    fn new(drain: &str) -> Self {
+        let cg = Cgroup::new("draining");
+        let ns = Netns::with_veth();
+        let ca = OriginCa::new();
+        let side = Upstream::start(&ns.host(8080).to_string());
+        let d = Daemon::start(DaemonSpec {
+            policy: "[sandbox.s]\nallow = [\"origin.test\"]\n".into(),
+            daemon: vec![ca.daemon_line(), format!("drain_timeout = \"{drain}\"")],
+            ..Default::default()
+        });
+        d.add(json!({"name": "s", "cgroup": cg.rel(), "netns": ns.path}));
+        let egress_ca = d.ca_for_clients();
+        Draining {
+            d,
+            egress_ca,
+            ca,
+            side,
+            ns,
+            cg,
+        }
+    }
+
+    /// Starts `curl https://origin.test/hold` in the sandbox; returns once the origin holds
+    /// it.
+    fn held(&self, origin: &Origin) -> (Background, PathBuf) {
+        let out = self.d.path("held.out");
+        let curl = Background::start(
+            &self.cg,
+            Some(&self.ns),
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "60",
+                "--cacert",
+                self.egress_ca.to_str().unwrap(),
+                "--resolve",
+                &format!("origin.test:443:{}", self.ns.host_ip),
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "https://origin.test/hold",
+            ],
+            &out,
+        );
+        wait_for("the held request to reach the origin", || {
+            (origin.request_count() > 0)
+                .then_some(())
+                .ok_or("not yet".to_owned())
+        });
+        (curl, out)
+    }
+}
+
+// 11. Removing a sandbox stops capturing it at once and lets its requests in flight finish
+//     within the drain timeout.
+#[test]
+fn daemon_remove_uncaptures_at_once_and_drains_requests_in_flight() {
+    let t = Draining::new("60s");
+    let origin = t.ca.origin(t.ns.host_ip, &["origin.test"]);
+    let (curl, out) = t.held(&origin);
+    std::thread::scope(|s| {
+        let removing = s.spawn(|| t.d.remove("s"));
+        // Out of the kernel and the list while its request still runs.
+        wait_for("the removed sandbox to be uncaptured", || {
+            let p = attached_programs(t.cg.path());
+            p.is_empty().then_some(()).ok_or(format!("{p:?}"))
+        });
+        let open = connect_err(&t.cg, Some(&t.ns), &t.ns.host(8080).to_string());
+        assert_eq!(
+            open["ok"], true,
+            "no longer captured while draining: {open}"
+        );
+        assert!(
+            registered(&t.d).is_empty(),
+            "no longer listed while draining"
+        );
+        assert!(
+            !removing.is_finished(),
+            "the removal waits for the request in flight"
+        );
+        origin.release();
+        let report = removing.join().unwrap();
+        assert_eq!(report["cut_off"], 0, "{report}");
+    });
+    assert!(curl.wait().success(), "the request in flight failed");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "released\n200",
+        "the request in flight completes"
+    );
+    assert_eq!(t.side.accepted(), 1);
+}
+
+// 12. A request still open at the drain deadline of a removal is cut off, and counted.
+#[test]
+fn daemon_remove_cuts_off_what_outlives_the_drain_timeout() {
+    let t = Draining::new("1s");
+    let origin = t.ca.origin(t.ns.host_ip, &["origin.test"]);
+    let (curl, out) = t.held(&origin);
+    let report = t.d.remove("s");
+    assert_eq!(report["cut_off"], 1, "{report}");
+    curl.wait();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.contains("released"),
+        "the held request was cut off, not answered: {text}"
+    );
+}
