@@ -1193,6 +1193,19 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
             .pending("6-docker", "enrolling the running labelled containers");
         tokio::spawn(watch_docker(daemon.clone()))
     });
+    // systemd (Type=notify): ready when /readyz would say so.
+    let notify_task = {
+        let ready = daemon.ready().clone();
+        tokio::spawn(async move {
+            loop {
+                if ready.check().is_ok() {
+                    crate::notify::notify("READY=1");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let mut term =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| Error::Api {
             path: api_path.clone(),
@@ -1209,6 +1222,8 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
     };
     info!(signal = sig, "shutting down");
     daemon.ready().draining();
+    notify_task.abort();
+    crate::notify::notify("STOPPING=1");
     api_task.abort();
     let _ = api_task.await;
     let _ = std::fs::remove_file(&api_path);

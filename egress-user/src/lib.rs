@@ -22,6 +22,7 @@ pub mod gc;
 pub mod listen;
 pub mod located;
 pub mod netns;
+pub mod notify;
 pub mod pattern;
 pub mod pods;
 pub mod policy;
