@@ -1916,3 +1916,97 @@ fn daemon_remove_cuts_off_what_outlives_the_drain_timeout() {
         "the held request was cut off, not answered: {text}"
     );
 }
+
+/// Waits until `cg`'s programs are attached and a connect from it is refused (captured).
+fn wait_captured(d: &Daemon, cg: &Cgroup, ns: &Netns, what: &str) {
+    wait_for(what, || {
+        if attached_programs(cg.path()).is_empty() {
+            return Err(format!(
+                "no programs on {}; sandboxes: {:#?}",
+                cg.rel(),
+                d.list()
+            ));
+        }
+        let r = connect_err(cg, Some(ns), &ns.host(8080).to_string());
+        (r["errno"] == libc::EPERM)
+            .then_some(())
+            .ok_or(format!("{r}"))
+    });
+}
+
+// 13. A static sandbox (one the config declares) whose cgroup is deleted and made again, as
+//     a restarted unit's or container parent's is, is captured again: the config says that
+//     cgroup is a sandbox whenever it exists. Meanwhile `/readyz` says what it waits for.
+#[test]
+fn daemon_static_sandbox_is_captured_again_when_its_cgroup_is_recreated() {
+    let cg = Cgroup::new("static");
+    let ns = Netns::with_veth();
+    let _side = Upstream::start(&ns.host(8080).to_string());
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.s]\n".into(),
+        daemon: vec!["recheck_interval = \"1s\"".into()],
+        sandboxes: format!(
+            "[[sandbox]]\nname = \"s\"\ncgroup = \"{}\"\nnetns = \"{}\"\n",
+            cg.rel(),
+            ns.path.display()
+        ),
+        ..Default::default()
+    });
+    wait_captured(&d, &cg, &ns, "the static sandbox to be captured");
+
+    std::fs::remove_dir(cg.path()).unwrap();
+    wait_for(
+        "/readyz to name the static sandbox whose cgroup is gone",
+        || {
+            let (code, body) = d.admin_get("/readyz");
+            (code == 503 && body.contains("sandbox s"))
+                .then_some(())
+                .ok_or(format!("{code} {body}; sandboxes: {:#?}", d.list()))
+        },
+    );
+    cg.create();
+    wait_captured(
+        &d,
+        &cg,
+        &ns,
+        "the re-made cgroup of the static sandbox to be captured",
+    );
+    let (code, body) = d.admin_get("/readyz");
+    assert_eq!(code, 200, "{body}");
+}
+
+// 14. The same across a restart: a static sandbox whose cgroup vanished while no daemon ran
+//     is captured again once its cgroup is made again.
+#[test]
+fn daemon_static_sandbox_whose_cgroup_vanished_while_down_is_captured_when_it_returns() {
+    let cg = Cgroup::new("static");
+    let ns = Netns::with_veth();
+    let _side = Upstream::start(&ns.host(8080).to_string());
+    let mut d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.s]\n".into(),
+        daemon: vec!["recheck_interval = \"1s\"".into()],
+        sandboxes: format!(
+            "[[sandbox]]\nname = \"s\"\ncgroup = \"{}\"\nnetns = \"{}\"\n",
+            cg.rel(),
+            ns.path.display()
+        ),
+        ..Default::default()
+    });
+    wait_captured(&d, &cg, &ns, "the static sandbox to be captured");
+    d.kill9();
+    std::fs::remove_dir(cg.path()).unwrap();
+    d.spawn();
+    let (code, body) = d.admin_get("/readyz");
+    assert_eq!(
+        code, 503,
+        "a static sandbox whose cgroup does not exist is pending: {body}"
+    );
+    assert!(body.contains("sandbox s"), "{body}");
+    cg.create();
+    wait_captured(
+        &d,
+        &cg,
+        &ns,
+        "the re-made cgroup of the static sandbox to be captured",
+    );
+}
