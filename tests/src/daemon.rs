@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_common::{PortKey, Sandbox};
+use egress_common::{Allow4, PortKey, Sandbox};
 use serde_json::Value;
 
 use crate::{cgroup2_root, egress_bin, read_json_lines, require_root, TempDir};
@@ -698,6 +698,28 @@ impl Daemon {
     pub fn sandbox_rows(&self) -> Vec<(u64, Sandbox)> {
         let map = pinned_hash::<u64, Sandbox>(&self.pin_root.join(egress_common::maps::SANDBOXES));
         map.iter().map(|r| r.unwrap()).collect()
+    }
+
+    /// The (sandbox id, port, address/prefix) of every row of the pinned ALLOW4 trie.
+    pub fn allow4_rows(&self) -> Vec<(u32, u16, String)> {
+        let path = self.pin_root.join(egress_common::maps::ALLOW4);
+        let data = aya::maps::MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("open pinned {}: {e}", path.display()));
+        let trie: aya::maps::LpmTrie<_, Allow4, u32> =
+            aya::maps::LpmTrie::try_from(aya::maps::Map::from_map_data(data).unwrap())
+                .unwrap_or_else(|e| panic!("{} is not the LPM trie expected: {e}", path.display()));
+        trie.keys()
+            .map(|k| {
+                let k = k.unwrap();
+                let a = k.data();
+                let bits = k.prefix_len() - egress_common::ALLOW_FIXED_PREFIX;
+                (
+                    u32::from_be(a.sandbox),
+                    u32::from_be(a.port) as u16,
+                    format!("{}/{bits}", Ipv4Addr::from(a.addr.to_ne_bytes())),
+                )
+            })
+            .collect()
     }
 
     /// The keys of the pinned INTERCEPT_PORTS map.

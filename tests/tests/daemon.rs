@@ -2010,3 +2010,122 @@ fn daemon_static_sandbox_whose_cgroup_vanished_while_down_is_captured_when_it_re
         "the re-made cgroup of the static sandbox to be captured",
     );
 }
+
+// 15. A sandbox's options reach the kernel and leave with it: its own intercepted ports, its
+//     policy's direct TCP allowances (replaced on reload), the strict backstop.
+#[test]
+fn daemon_sandbox_options_reach_the_kernel_and_leave_with_the_sandbox() {
+    let cg = Cgroup::new("options");
+    let ns = Netns::with_veth();
+    let ca = OriginCa::new();
+    let origin = Origin::start(
+        &ns.host(8443).to_string(),
+        Some(ca.ca.leaf(&["origin.test"])),
+    );
+    let on_443 = Upstream::start(&ns.host(443).to_string());
+    let allowed = Upstream::start(&ns.host(9000).to_string());
+    let other = Upstream::start(&ns.host(9001).to_string());
+    let policy = |tcp: &str| format!("[sandbox.o]\nallow = [\"origin.test\"]\ntcp = [{tcp}]\n");
+    let d = Daemon::start(DaemonSpec {
+        policy: policy(&format!("\"{}:9000\"", ns.host_ip)),
+        daemon: vec![ca.daemon_line()],
+        ..Default::default()
+    });
+    let o = d.add(json!({
+        "name": "o",
+        "cgroup": cg.rel(),
+        "netns": ns.path,
+        "intercept_ports": [8443],
+        "strict": true,
+    }));
+    assert_eq!(
+        (&o["intercept_ports"], &o["strict"]),
+        (&json!([8443]), &json!(true)),
+        "{o}"
+    );
+    let id = o["id"].as_u64().unwrap() as u32;
+    let egress_ca = d.ca_for_clients();
+    let out = run_in(
+        &cg,
+        Some(&ns),
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "20",
+            "--cacert",
+            egress_ca.to_str().unwrap(),
+            "--resolve",
+            &format!("origin.test:8443:{}", ns.host_ip),
+            "https://origin.test:8443/hello",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from origin.test:8443",
+        "port 8443 goes through the proxy: {out:?}"
+    );
+    assert_eq!(origin.request_count(), 1);
+    let connect = |port: u16| connect_err(&cg, Some(&ns), &ns.host(port).to_string());
+    assert_eq!(
+        connect(443)["errno"],
+        libc::EPERM,
+        "443 is not intercepted for this sandbox"
+    );
+    assert_eq!(connect(9000)["ok"], true, "the policy's tcp allowance");
+    assert_eq!(connect(9001)["errno"], libc::EPERM, "no allowance for 9001");
+    assert_eq!(
+        (on_443.accepted(), allowed.accepted(), other.accepted()),
+        (0, 1, 0)
+    );
+    let ports: Vec<u32> = d
+        .port_rows()
+        .iter()
+        .filter(|k| k.sandbox == id)
+        .map(|k| k.port)
+        .collect();
+    assert_eq!(ports, vec![8443], "INTERCEPT_PORTS rows of the sandbox");
+    let mine = |d: &Daemon| -> Vec<(u16, String)> {
+        d.allow4_rows()
+            .into_iter()
+            .filter(|(s, ..)| *s == id)
+            .map(|(_, p, n)| (p, n))
+            .collect()
+    };
+    assert_eq!(mine(&d), vec![(9000, format!("{}/32", ns.host_ip))]);
+    let row = d
+        .sandbox_rows()
+        .into_iter()
+        .find(|(c, _)| *c == cg.id())
+        .expect("the sandbox's SANDBOXES row");
+    assert_eq!(
+        row.1.flags & egress_common::SANDBOX_STRICT,
+        egress_common::SANDBOX_STRICT
+    );
+    let programs = attached_programs(cg.path());
+    assert!(
+        programs.iter().any(|p| p.starts_with("egress_skb_str")),
+        "the strict backstop is attached: {programs:?}"
+    );
+
+    // A reload replaces the allowances in the kernel.
+    std::fs::write(
+        d.path("policy.toml"),
+        policy(&format!("\"{}:9001\"", ns.host_ip)),
+    )
+    .unwrap();
+    let (code, report) = d.api("POST", "/v1/reload", None);
+    assert_eq!((code, &report["errors"]), (200, &json!([])), "{report}");
+    assert_eq!(mine(&d), vec![(9001, format!("{}/32", ns.host_ip))]);
+    assert_eq!(
+        connect(9000)["errno"],
+        libc::EPERM,
+        "the old allowance is gone"
+    );
+    assert_eq!(connect(9001)["ok"], true, "the new allowance");
+
+    d.remove("o");
+    assert!(mine(&d).is_empty(), "ALLOW4 rows outlived the sandbox");
+    assert!(d.port_rows().iter().all(|k| k.sandbox != id));
+    assert!(attached_programs(cg.path()).is_empty());
+}
