@@ -80,6 +80,10 @@ const TEST_PACKAGES: &[&str] = &[
     "python3",
     "openssl",
     "bind9-dnsutils",
+    // `bpftool cgroup show`: which programs a sandbox's cgroup holds.
+    "bpftool",
+    // prometheus_client's OpenMetrics parser checks the daemon's /metrics.
+    "python3-prometheus-client",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
