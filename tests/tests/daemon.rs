@@ -849,12 +849,18 @@ fn scraped(text: &str, sample: &str) -> Option<f64> {
 #[test]
 fn daemon_killed_leaves_sandboxes_closed_and_a_restart_takes_them_back() {
     need(PY);
+    need(DIG);
     let cg = Cgroup::new("survivor");
     let ns = Netns::with_veth();
     let up80 = Upstream::start(&ns.host(80).to_string());
     let up8080 = Upstream::start(&ns.host(8080).to_string());
+    let stub = StubResolver::start_at(
+        IpAddr::V4(ns.host_ip),
+        &[("origin.test", ns.host_ip.into())],
+    );
     let mut d = Daemon::start(DaemonSpec {
         policy: "[sandbox.s]\nallow = [\"origin.test\"]\n".into(),
+        daemon: vec![format!("dns_upstreams = [\"{}\"]", stub.addr())],
         ..Default::default()
     });
     let id = d.add(json!({"name": "s", "cgroup": cg.rel(), "netns": ns.path}))["id"]
@@ -923,6 +929,29 @@ fn daemon_killed_leaves_sandboxes_closed_and_a_restart_takes_them_back() {
         !attached_programs(cg.path()).is_empty(),
         "programs stay attached"
     );
+    // DNS too: the query lands on a closed port in the sandbox's netns, never upstream.
+    let out_dns = run_in(
+        &cg,
+        Some(&ns),
+        &[
+            DIG,
+            "+tries=1",
+            "+time=2",
+            &format!("@{}", ns.host_ip),
+            "origin.test",
+            "A",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out_dns.stdout);
+    assert!(
+        !text.contains("status:"),
+        "a DNS answer with no daemon: {text}"
+    );
+    assert!(
+        stub.queries().is_empty(),
+        "a query reached the resolver: {:?}",
+        stub.queries()
+    );
 
     // Same config, no `add`: the sandbox is taken back.
     d.spawn();
@@ -959,6 +988,11 @@ fn daemon_killed_leaves_sandboxes_closed_and_a_restart_takes_them_back() {
             .ok_or(format!("{:?}", all.last()))
     });
     assert!(up80.accepted() > reached.0, "the origin is reached again");
+    assert_eq!(
+        dig(&cg, &ns, ns.host_ip, "origin.test"),
+        ("NOERROR".to_owned(), vec![ns.host_ip.to_string()]),
+        "DNS is served again in the sandbox's netns"
+    );
     assert_eq!(up8080.accepted(), 0, "port 8080 was never allowed");
     let redirected_back = pinned_counter(&counters, Counter::Redirected);
     assert!(
