@@ -465,16 +465,20 @@ impl Daemon {
                 self.inner.ready.done(&pending_key(&name));
             }
             Err(e) => {
-                // The cgroup of a saved sandbox is gone: nothing left to capture.
-                if let Some(s) = prior.as_ref().filter(|s| !cgroup_alive(s)) {
+                // The cgroup of a saved sandbox is gone: nothing left to capture. One the
+                // config declares waits for its cgroup to come back.
+                let mut prior = prior;
+                if let Some(s) = prior.take_if(|s| !cgroup_alive(s)) {
                     info!(sandbox = %name, cgroup = %s.cgroup_path.display(), "cgroup vanished; removing the sandbox");
                     self.inner
                         .node
                         .kernel
                         .purge(s.id, s.cgroup_id, &self.link_dir(s.id));
-                    table.pending.remove(&name);
-                    self.inner.ready.done(&pending_key(&name));
-                    return;
+                    if source != Source::Config {
+                        table.pending.remove(&name);
+                        self.inner.ready.done(&pending_key(&name));
+                        return;
+                    }
                 }
                 warn!(sandbox = %name, error = %e, "sandbox not served yet; retrying at every re-check");
                 // Only the config's sandboxes hold up readiness: an API sandbox that cannot
@@ -978,6 +982,23 @@ impl Daemon {
         for name in gone {
             if let Some(e) = table.entries.remove(&name) {
                 info!(sandbox = %name, cgroup = %e.saved.cgroup_path.display(), "cgroup vanished; removing the sandbox");
+                if e.saved.source == Source::Config {
+                    // The config still declares it: registered again once the cgroup is
+                    // back (the pending retry below, and every re-check after).
+                    let why = format!("cgroup {} is gone", e.saved.cgroup_path.display());
+                    self.inner
+                        .ready
+                        .pending(pending_key(&name), format!("sandbox {name}: {why}"));
+                    table.pending.insert(
+                        name.clone(),
+                        Pending {
+                            saved: None,
+                            decl: e.saved.decl.clone(),
+                            source: Source::Config,
+                            why,
+                        },
+                    );
+                }
                 removed.push(e);
             }
         }
