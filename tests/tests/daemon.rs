@@ -593,6 +593,16 @@ stats['errors'] = stats['errors'][:20]
 print(json.dumps(stats), flush=True)
 "#;
 
+/// Waits until `up` has accepted `n` connections (its accept loop runs on its own thread,
+/// a little after the client's connect returned), then checks that it is exactly `n`.
+fn wait_accepted(up: &Upstream, n: usize, what: &str) {
+    wait_for(&format!("{n} connections accepted: {what}"), || {
+        let got = up.accepted();
+        (got >= n).then_some(()).ok_or(format!("{got}"))
+    });
+    assert_eq!(up.accepted(), n, "{what}");
+}
+
 /// What `egress-testclient connect-err ADDR` says from inside a sandbox.
 fn connect_err(cg: &Cgroup, ns: Option<&Netns>, addr: &str) -> Value {
     let tc = testclient();
@@ -737,11 +747,13 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
         ids.windows(2).all(|w| w[0] < w[1]),
         "a new id for every registration, never reused: {ids:?}"
     );
-    assert_eq!(
-        (side_a.accepted(), side_b.accepted()),
-        (10, 10),
-        "B reached its listener exactly when not registered"
-    );
+    for side in [&side_a, &side_b] {
+        wait_accepted(
+            side,
+            10,
+            "B reached its listener exactly when not registered",
+        );
+    }
     // A is intact: its row, its ports, its programs.
     let a_id = a["id"].as_u64().unwrap();
     assert!(d
@@ -1647,7 +1659,7 @@ fn daemon_detach_on_exit_removes_every_sandbox_and_its_pins() {
             cg.rel()
         );
     }
-    assert_eq!(side.accepted(), 2);
+    wait_accepted(&side, 2, "each cgroup, uncaptured, reached the listener");
 }
 
 // 9. The daemon follows the world: a sandbox whose cgroup is removed is dropped at the next
@@ -1932,7 +1944,7 @@ fn daemon_remove_uncaptures_at_once_and_drains_requests_in_flight() {
         "released\n200",
         "the request in flight completes"
     );
-    assert_eq!(t.side.accepted(), 1);
+    wait_accepted(&t.side, 1, "the uncaptured connect reached the listener");
 }
 
 // 12. A request still open at the drain deadline of a removal is cut off, and counted.
@@ -2108,10 +2120,8 @@ fn daemon_sandbox_options_reach_the_kernel_and_leave_with_the_sandbox() {
     );
     assert_eq!(connect(9000)["ok"], true, "the policy's tcp allowance");
     assert_eq!(connect(9001)["errno"], libc::EPERM, "no allowance for 9001");
-    assert_eq!(
-        (on_443.accepted(), allowed.accepted(), other.accepted()),
-        (0, 1, 0)
-    );
+    wait_accepted(&allowed, 1, "the allowed connect reached its listener");
+    assert_eq!((on_443.accepted(), other.accepted()), (0, 0));
     let ports: Vec<u32> = d
         .port_rows()
         .iter()
