@@ -319,91 +319,6 @@ fn daemon_serves_two_sandboxes_each_under_its_own_policy() {
     }
 }
 
-// 7. `egress daemon check`: a good config passes; a bad one is named by file, line and
-//    column, with exit code 64.
-#[test]
-fn daemon_check_passes_a_good_config_and_locates_errors() {
-    let dir = TempDir::new("daemon-check");
-    let policy = dir.path("policy.toml");
-    std::fs::write(&policy, "[sandbox.agent]\nallow = [\"example.com\"]\n").unwrap();
-    let check = |name: &str, text: &str| {
-        let path = dir.path(name);
-        std::fs::write(&path, text).unwrap();
-        let out = Command::new(egress_bin())
-            .args(["daemon", "check"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        (
-            path.display().to_string(),
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let daemon = format!("[daemon]\npolicy = \"{}\"\n", policy.display());
-
-    let (path, code, stdout, stderr) = check(
-        "good.toml",
-        &format!(
-            "{daemon}\n[[sandbox]]\nname = \"a\"\ncgroup = \"agents/a\"\npolicy = \"agent\"\n"
-        ),
-    );
-    assert_eq!(code, Some(0), "{stderr}");
-    assert!(
-        stdout.starts_with(&format!("{path}: ok: 1 static sandbox(es) (a)")),
-        "{stdout}"
-    );
-
-    for (name, text, want) in [
-        (
-            "admin.toml",
-            format!("{daemon}admin = \"localhost\"\n"),
-            ":3:9: daemon.admin: \"localhost\" is not IP:PORT".to_owned(),
-        ),
-        (
-            "unknown-key.toml",
-            format!("{daemon}\n[[sandbox]]\nname = \"a\"\ncgroup = \"a\"\ncolour = \"red\"\n"),
-            ":7:1: sandbox[0].colour: unknown field".to_owned(),
-        ),
-        (
-            "duration.toml",
-            format!("{daemon}drain_timeout = \"soon\"\n"),
-            ":3:17: daemon.drain_timeout:".to_owned(),
-        ),
-    ] {
-        let (path, code, stdout, stderr) = check(name, &text);
-        assert_eq!(code, Some(64), "{name}: {stdout}{stderr}");
-        assert!(
-            stderr.contains(&format!("{path}{want}")),
-            "{name}: want {path}{want}, got: {stderr}"
-        );
-    }
-
-    // A policy name the policy file does not define.
-    let (_, code, _, stderr) = check(
-        "no-such-policy.toml",
-        &format!("{daemon}\n[[sandbox]]\nname = \"a\"\ncgroup = \"a\"\npolicy = \"nope\"\n"),
-    );
-    assert_eq!(code, Some(64), "{stderr}");
-    assert!(
-        stderr.contains("sandbox \"a\"") && stderr.contains("\"nope\"") && stderr.contains("agent"),
-        "{stderr}"
-    );
-    // An error inside the policy file is located in the policy file.
-    let bad_policy = dir.path("bad-policy.toml");
-    std::fs::write(&bad_policy, "[sandbox.agent]\nallow = [\"exa mple.com\"]\n").unwrap();
-    let (_, code, _, stderr) = check(
-        "bad-policy-ref.toml",
-        &format!("[daemon]\npolicy = \"{}\"\n", bad_policy.display()),
-    );
-    assert_eq!(code, Some(64), "{stderr}");
-    assert!(
-        stderr.contains(&format!("{}:2:", bad_policy.display())),
-        "the policy file's own line: {stderr}"
-    );
-}
-
 /// Waits until `file` holds at least `n` lines, and returns them.
 fn wait_lines(file: &Path, n: usize) -> Vec<String> {
     wait_for(&format!("{n} lines in {}", file.display()), || {
@@ -1510,6 +1425,14 @@ fn daemon_api_refuses_bad_input_outsiders_and_sandboxes() {
         "{out:?}"
     );
 
+    // No daemon behind the socket: EX_UNAVAILABLE.
+    let out = Command::new(egress_bin())
+        .args(["sandbox", "list", "--api"])
+        .arg(d.path("no-such.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+
     // Not root: the socket itself refuses, and the CLI says so with EX_NOPERM.
     use std::os::unix::process::CommandExt as _;
     let out = Command::new("curl")
@@ -1607,6 +1530,91 @@ fn daemon_api_refuses_bad_input_outsiders_and_sandboxes() {
     );
     assert_eq!(registered(&d), before);
     assert!(attached_programs(cg_free.path()).is_empty());
+}
+
+// 7. `egress daemon check`: a good config passes; a bad one is named by file, line and
+//    column, with exit code 64.
+#[test]
+fn daemon_check_passes_a_good_config_and_locates_errors() {
+    let dir = TempDir::new("daemon-check");
+    let policy = dir.path("policy.toml");
+    std::fs::write(&policy, "[sandbox.agent]\nallow = [\"example.com\"]\n").unwrap();
+    let check = |name: &str, text: &str| {
+        let path = dir.path(name);
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(egress_bin())
+            .args(["daemon", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            path.display().to_string(),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let daemon = format!("[daemon]\npolicy = \"{}\"\n", policy.display());
+
+    let (path, code, stdout, stderr) = check(
+        "good.toml",
+        &format!(
+            "{daemon}\n[[sandbox]]\nname = \"a\"\ncgroup = \"agents/a\"\npolicy = \"agent\"\n"
+        ),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("{path}: ok: 1 static sandbox(es) (a)")),
+        "{stdout}"
+    );
+
+    for (name, text, want) in [
+        (
+            "admin.toml",
+            format!("{daemon}admin = \"localhost\"\n"),
+            ":3:9: daemon.admin: \"localhost\" is not IP:PORT".to_owned(),
+        ),
+        (
+            "unknown-key.toml",
+            format!("{daemon}\n[[sandbox]]\nname = \"a\"\ncgroup = \"a\"\ncolour = \"red\"\n"),
+            ":7:1: sandbox[0].colour: unknown field".to_owned(),
+        ),
+        (
+            "duration.toml",
+            format!("{daemon}drain_timeout = \"soon\"\n"),
+            ":3:17: daemon.drain_timeout:".to_owned(),
+        ),
+    ] {
+        let (path, code, stdout, stderr) = check(name, &text);
+        assert_eq!(code, Some(64), "{name}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&format!("{path}{want}")),
+            "{name}: want {path}{want}, got: {stderr}"
+        );
+    }
+
+    // A policy name the policy file does not define.
+    let (_, code, _, stderr) = check(
+        "no-such-policy.toml",
+        &format!("{daemon}\n[[sandbox]]\nname = \"a\"\ncgroup = \"a\"\npolicy = \"nope\"\n"),
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("sandbox \"a\"") && stderr.contains("\"nope\"") && stderr.contains("agent"),
+        "{stderr}"
+    );
+    // An error inside the policy file is located in the policy file.
+    let bad_policy = dir.path("bad-policy.toml");
+    std::fs::write(&bad_policy, "[sandbox.agent]\nallow = [\"exa mple.com\"]\n").unwrap();
+    let (_, code, _, stderr) = check(
+        "bad-policy-ref.toml",
+        &format!("[daemon]\npolicy = \"{}\"\n", bad_policy.display()),
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:", bad_policy.display())),
+        "the policy file's own line: {stderr}"
+    );
 }
 
 // 8. `--detach-on-exit`: on SIGTERM the daemon removes every sandbox from the kernel, its
