@@ -2181,3 +2181,66 @@ fn daemon_sandbox_options_reach_the_kernel_and_leave_with_the_sandbox() {
     assert!(d.port_rows().iter().all(|k| k.sandbox != id));
     assert!(attached_programs(cg.path()).is_empty());
 }
+
+// 16. An API sandbox that cannot be taken back after a restart (its netns vanished while no
+//     daemon ran) stays closed and is listed as pending, without holding up readiness; removing
+//     it then takes everything of it out of the kernel.
+#[test]
+fn daemon_keeps_an_unadoptable_sandbox_closed_and_pending_until_removed() {
+    let cg = Cgroup::new("orphaned");
+    let gone = Netns::with_veth();
+    let elsewhere = Netns::with_veth();
+    let _side = Upstream::start(&elsewhere.host(8080).to_string());
+    let mut d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.p]\n".into(),
+        daemon: vec!["recheck_interval = \"1s\"".into()],
+        ..Default::default()
+    });
+    let id = d.add(json!({"name": "p", "cgroup": cg.rel(), "netns": gone.path}))["id"]
+        .as_u64()
+        .unwrap();
+    d.kill9();
+    drop(gone);
+    d.spawn();
+    let list = d.list();
+    assert_eq!(
+        (&list[0]["name"], &list[0]["state"]),
+        (&json!("p"), &json!("pending")),
+        "{list:#?}"
+    );
+    assert!(
+        list[0]["pending"]
+            .as_str()
+            .is_some_and(|p| p.contains("netns")),
+        "{list:#?}"
+    );
+    wait_for(
+        "/readyz 200: only the config's sandboxes hold it up",
+        || {
+            let (code, body) = d.admin_get("/readyz");
+            (code == 200).then_some(()).ok_or(format!("{code} {body}"))
+        },
+    );
+    assert!(d.link_dir(id).exists(), "its pins stay");
+    assert!(
+        !attached_programs(cg.path()).is_empty(),
+        "its programs stay"
+    );
+    let r = connect_err(&cg, Some(&elsewhere), &elsewhere.host(8080).to_string());
+    assert_eq!(r["errno"], libc::EPERM, "still closed: {r}");
+
+    d.remove("p");
+    assert!(d.list().is_empty());
+    assert!(
+        attached_programs(cg.path()).is_empty(),
+        "its programs outlived the removal"
+    );
+    assert!(!d.link_dir(id).exists(), "its pins outlived the removal");
+    assert!(d
+        .sandbox_rows()
+        .iter()
+        .all(|(c, s)| *c != cg.id() && u64::from(s.id) != id));
+    assert!(d.port_rows().iter().all(|k| u64::from(k.sandbox) != id));
+    let r = connect_err(&cg, Some(&elsewhere), &elsewhere.host(8080).to_string());
+    assert_eq!(r["ok"], true, "no longer captured: {r}");
+}
