@@ -84,6 +84,14 @@ pub enum Error {
     },
     #[error(transparent)]
     Policy(#[from] CompileError),
+    #[error("another egress daemon uses {} (pid {pid}); stop it first, or give this one another confdir", path.display())]
+    AlreadyRunning { path: PathBuf, pid: String },
+    #[error("cannot lock {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -95,6 +103,7 @@ impl Error {
             Error::Bpf(bpf::Error::Load(_)) | Error::Bpf(bpf::Error::NotEmbedded) => UNAVAILABLE,
             Error::App(e) => e.exit_code(),
             Error::Admin { .. } | Error::Api { .. } | Error::Policy(_) => USAGE,
+            Error::AlreadyRunning { .. } => UNAVAILABLE,
             _ => SOFTWARE,
         }
     }
@@ -187,6 +196,8 @@ struct Inner {
     table: Mutex<Table>,
     ready: Arc<Readiness>,
     state_path: PathBuf,
+    /// Held for the daemon's life: one daemon per confdir (its state and pins).
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// What `GET /v1/sandboxes` shows of one sandbox.
@@ -248,6 +259,7 @@ impl Daemon {
     /// and the config name, the API, and the background re-check.
     pub async fn start(cfg: DaemonConfig) -> Result<Bound, Error> {
         caps::require(DAEMON_NEEDS)?;
+        let lock = lock_confdir(&cfg.confdir)?;
         let ready = Arc::new(Readiness::default());
         ready.pending("1-programs", "loading the eBPF programs");
         ready.pending("2-ca", "loading the CA");
@@ -321,6 +333,7 @@ impl Daemon {
             table: Mutex::new(Table::default()),
             ready: ready.clone(),
             state_path,
+            _lock: lock,
             cfg,
         });
         let daemon = Daemon { inner };
@@ -1124,6 +1137,41 @@ pub struct RemoveReport {
 pub struct ReloadReport {
     pub reloaded: usize,
     pub errors: Vec<String>,
+}
+
+/// Takes `<confdir>/daemon.lock`, so that a second daemon on the same state and pins
+/// refuses to start instead of taking over the first one's sandboxes.
+fn lock_confdir(confdir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Error> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = confdir.join("daemon.lock");
+    let err = |source| Error::Lock {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(confdir).map_err(err)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(err)?;
+    let mut f = match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            return Err(Error::AlreadyRunning {
+                path,
+                pid: pid.trim().to_owned(),
+            });
+        }
+        Err((_, e)) => return Err(err(e.into())),
+    };
+    f.set_len(0).map_err(err)?;
+    f.rewind().map_err(err)?;
+    write!(f, "{}", std::process::id()).map_err(err)?;
+    Ok(f)
 }
 
 /// Stops the listeners of a namespace no sandbox uses any more, and waits until their
