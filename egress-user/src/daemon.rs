@@ -380,9 +380,19 @@ impl Daemon {
             .collect();
         // The config's sandboxes, taking over a saved one of the same name and cgroup.
         for decl in inner.cfg.sandboxes.clone() {
-            let prior = saved
-                .remove(&decl.name)
-                .filter(|s| s.source == Source::Config && s.decl.cgroup == decl.cgroup);
+            let prior = match saved.remove(&decl.name) {
+                // Same name, same cgroup (whoever added it): take its links over.
+                Some(s) if s.decl.cgroup == decl.cgroup => Some(s),
+                Some(s) => {
+                    warn!(sandbox = %decl.name, old = %s.cgroup_path.display(), "the config now declares this sandbox on another cgroup; the old one is no longer captured");
+                    inner
+                        .node
+                        .kernel
+                        .purge(s.id, s.cgroup_id, &self.link_dir(s.id));
+                    None
+                }
+                None => None,
+            };
             self.add_locked(&mut table, decl, Source::Config, prior)
                 .await;
         }
