@@ -2244,3 +2244,36 @@ fn daemon_keeps_an_unadoptable_sandbox_closed_and_pending_until_removed() {
     let r = connect_err(&cg, Some(&elsewhere), &elsewhere.host(8080).to_string());
     assert_eq!(r["ok"], true, "no longer captured: {r}");
 }
+
+// A second daemon on the same confdir (its state and pins) refuses to start, naming the
+// first one, and takes nothing from it: the first one's API keeps answering.
+#[test]
+fn daemon_second_on_the_same_confdir_refuses_to_start() {
+    let cg = Cgroup::new("one");
+    let d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.s]\n".into(),
+        ..Default::default()
+    });
+    d.add(json!({"name": "s", "cgroup": cg.rel()}));
+    let out = Command::new(egress_bin())
+        .args(["daemon", "--config"])
+        .arg(&d.config)
+        .output()
+        .expect("run a second egress daemon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("another egress daemon") && stderr.contains(&d.pid().to_string()),
+        "names the running daemon: {stderr}"
+    );
+    assert!(
+        d.api.exists(),
+        "the first daemon's API socket is left alone"
+    );
+    let names: Vec<String> = d
+        .list()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(names, ["s"], "the first daemon still answers, unchanged");
+}
