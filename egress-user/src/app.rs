@@ -142,11 +142,8 @@ impl Node {
             kernel,
             records,
             events: ring,
-            replaced,
+            replaced: _,
         } = Kernel::load(&cfg.pin_root)?;
-        for p in replaced {
-            let _ = std::fs::remove_file(p);
-        }
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             audit,

@@ -333,16 +333,16 @@ pub struct Loaded {
     pub kernel: Kernel,
     pub records: BpfRecords,
     pub events: RingBuf<MapData>,
-    /// Pinned maps whose layout did not match this binary's; they were moved aside (see
-    /// [`Kernel::load`]) and should be removed once every link runs the new programs.
+    /// Pinned maps whose layout did not match this binary's, unpinned and made anew (see
+    /// [`Kernel::load`]).
     pub replaced: Vec<PathBuf>,
 }
 
 impl Kernel {
     /// Loads and verifies every program, with every map pinned under `root`: a pinned map
     /// already there is reused if its type, key, value, size and flags match this object,
-    /// and moved aside (`NAME.replaced`) otherwise, so that a new one is made. Needs
-    /// CAP_BPF and CAP_NET_ADMIN (or root).
+    /// and unpinned otherwise, so that a new one is made. Needs CAP_BPF and CAP_NET_ADMIN
+    /// (or root).
     pub fn load(root: &Path) -> Result<Loaded, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NotEmbedded);
@@ -615,11 +615,12 @@ fn set_aside_incompatible(root: &Path) -> Result<Vec<PathBuf>, Error> {
             Err(_) => false,
         };
         if !fits {
-            let aside = root.join(format!("{name}.replaced"));
-            let _ = fs::remove_file(&aside);
-            fs::rename(&path, &aside).map_err(pin_err(&path))?;
+            // Unpinned, not renamed (bpffs refuses rename): the programs still attached
+            // through the old links keep the old map alive and keep working until their
+            // links take the new programs, which use the new map.
+            fs::remove_file(&path).map_err(pin_err(&path))?;
             tracing::warn!(map = name, pin = %path.display(), "pinned map does not match this binary's layout; replacing it");
-            replaced.push(aside);
+            replaced.push(path);
         }
     }
     Ok(replaced)

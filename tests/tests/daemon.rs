@@ -2277,3 +2277,60 @@ fn daemon_second_on_the_same_confdir_refuses_to_start() {
         .collect();
     assert_eq!(names, ["s"], "the first daemon still answers, unchanged");
 }
+
+// 18. A newer egress whose layout for a map differs: the pinned map that no longer fits is
+//     replaced, not reused. The sandbox stays captured while no daemon runs (the old
+//     programs keep their own map) and after the new daemon took its links over, and the
+//     pin is the new object's map again.
+#[test]
+fn daemon_replaces_a_pinned_map_whose_layout_no_longer_fits() {
+    let bpftool = "/usr/sbin/bpftool";
+    need(bpftool);
+    let cg = Cgroup::new("layout");
+    let ns = Netns::with_veth();
+    let side = ns.host(8080).to_string();
+    let _side = Upstream::start(&side);
+    let mut d = Daemon::start(DaemonSpec {
+        policy: "[sandbox.s]\n".into(),
+        ..Default::default()
+    });
+    d.add(json!({"name": "s", "cgroup": cg.rel(), "netns": ns.path}));
+    wait_captured(&d, &cg, &ns, "the sandbox to be captured");
+    d.kill9();
+    let counters = d.pin_root.join("COUNTERS");
+    std::fs::remove_file(&counters).unwrap();
+    let out = Command::new(bpftool)
+        .args(["map", "create"])
+        .arg(&counters)
+        .args(["type", "array", "key", "4", "value", "4", "entries", "1"])
+        .args(["name", "COUNTERS"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        connect_err(&cg, Some(&ns), &side)["errno"],
+        libc::EPERM,
+        "captured while no daemon runs"
+    );
+    d.spawn();
+    let w = d.wait_log("pinned map does not match this binary's layout; replacing it");
+    assert_eq!(w["map"], "COUNTERS", "{w}");
+    wait_captured(
+        &d,
+        &cg,
+        &ns,
+        "the sandbox to be captured by the new programs",
+    );
+    // A per-CPU array of the object's layout again (opening the stand-in as one would
+    // fail), and the new programs count into it.
+    let before = pinned_counter(&counters, Counter::Denied);
+    assert_eq!(connect_err(&cg, Some(&ns), &side)["errno"], libc::EPERM);
+    assert!(
+        pinned_counter(&counters, Counter::Denied) > before,
+        "the new programs count into the new map"
+    );
+}
