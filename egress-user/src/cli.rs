@@ -151,18 +151,10 @@ pub struct DaemonArgs {
     /// of leaving every sandbox closed for the next daemon.
     #[arg(long)]
     pub detach_on_exit: bool,
-    /// Use this CA certificate (PEM) instead of the config's or the confdir's; needs --ca-key.
-    #[arg(long, value_name = "FILE", requires = "ca_key")]
-    pub ca_cert: Option<PathBuf>,
-    /// Private key (PEM) of --ca-cert.
-    #[arg(long, value_name = "FILE", requires = "ca_cert")]
-    pub ca_key: Option<PathBuf>,
-    /// Extra trusted roots for upstream servers: an OpenSSL-style directory of PEM files.
-    #[arg(long, value_name = "DIR")]
-    pub upstream_trust_dir: Option<PathBuf>,
-    /// Extra trusted root(s) for upstream servers, PEM (repeatable; adds to the config's).
-    #[arg(long = "upstream-ca", value_name = "FILE")]
-    pub upstream_cas: Vec<PathBuf>,
+    /// The CA and upstream trust; each flag wins over the config's key of the same name
+    /// (`--upstream-ca` adds to the config's list).
+    #[command(flatten)]
+    pub trust: TrustArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,13 +298,11 @@ pub struct CaArgs {
 
 pub const DEFAULT_CONFDIR: &str = "/var/lib/egress";
 
-/// TLS settings shared by everything that intercepts.
+/// The CA egress signs with and the roots it trusts upstream: flags of `egress run` and
+/// `egress daemon` alike.
 #[derive(Debug, Args)]
-pub struct TlsArgs {
-    /// Directory holding the egress CA; created with a new CA on first use.
-    #[arg(long, env = "EGRESS_CONFDIR", default_value = DEFAULT_CONFDIR, value_name = "DIR")]
-    pub confdir: PathBuf,
-    /// Use this CA certificate (PEM) instead of the one in --confdir; needs --ca-key.
+pub struct TrustArgs {
+    /// Use this CA certificate (PEM) instead of the one in the confdir; needs --ca-key.
     #[arg(long, value_name = "FILE", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
     /// Private key (PEM) of --ca-cert.
@@ -324,6 +314,16 @@ pub struct TlsArgs {
     /// Extra trusted root(s) for upstream servers, PEM (repeatable).
     #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_cas: Vec<PathBuf>,
+}
+
+/// TLS settings shared by everything that intercepts.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Directory holding the egress CA; created with a new CA on first use.
+    #[arg(long, env = "EGRESS_CONFDIR", default_value = DEFAULT_CONFDIR, value_name = "DIR")]
+    pub confdir: PathBuf,
+    #[command(flatten)]
+    pub trust: TrustArgs,
     /// Do not set SSL_CERT_FILE, CURL_CA_BUNDLE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS,
     /// PIP_CERT and GIT_SSL_CAINFO for the command.
     #[arg(long)]
@@ -473,9 +473,9 @@ impl TlsArgs {
     pub fn validate(self) -> TlsConfig {
         TlsConfig {
             confdir: self.confdir,
-            user_ca: self.ca_cert.zip(self.ca_key),
-            upstream_trust_dir: self.upstream_trust_dir,
-            upstream_cas: self.upstream_cas,
+            user_ca: self.trust.ca_cert.zip(self.trust.ca_key),
+            upstream_trust_dir: self.trust.upstream_trust_dir,
+            upstream_cas: self.trust.upstream_cas,
             ca_env: !self.no_ca_env,
         }
     }

@@ -102,13 +102,14 @@ fn daemon_main(args: egress_user::cli::DaemonArgs) -> u8 {
         }
     };
     // Flags win over the config's TLS keys.
-    if let (Some(c), Some(k)) = (args.ca_cert, args.ca_key) {
+    let trust = args.trust;
+    if let (Some(c), Some(k)) = (trust.ca_cert, trust.ca_key) {
         cfg.tls.user_ca = Some((c, k));
     }
-    if let Some(d) = args.upstream_trust_dir {
+    if let Some(d) = trust.upstream_trust_dir {
         cfg.tls.upstream_trust_dir = Some(d);
     }
-    cfg.tls.upstream_cas.extend(args.upstream_cas);
+    cfg.tls.upstream_cas.extend(trust.upstream_cas);
     match runtime().block_on(daemon::run(cfg, args.detach_on_exit)) {
         Ok(code) => code,
         Err(e) => {
