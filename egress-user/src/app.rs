@@ -142,7 +142,6 @@ impl Node {
             kernel,
             records,
             events: ring,
-            replaced: _,
         } = Kernel::load(&cfg.pin_root)?;
         let shared = Arc::new(Shared {
             registry: Registry::default(),

@@ -333,9 +333,6 @@ pub struct Loaded {
     pub kernel: Kernel,
     pub records: BpfRecords,
     pub events: RingBuf<MapData>,
-    /// Pinned maps whose layout did not match this binary's, unpinned and made anew (see
-    /// [`Kernel::load`]).
-    pub replaced: Vec<PathBuf>,
 }
 
 impl Kernel {
@@ -354,7 +351,7 @@ impl Kernel {
             nix::sys::resource::RLIM_INFINITY,
         );
         fs::create_dir_all(root).map_err(pin_err(root))?;
-        let replaced = set_aside_incompatible(root)?;
+        unpin_incompatible(root)?;
         let paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, root.join(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
@@ -397,7 +394,6 @@ impl Kernel {
             },
             records,
             events,
-            replaced,
         })
     }
 
@@ -587,10 +583,10 @@ fn attach_program(ebpf: &mut Ebpf, a: &Attach, cgroup: BorrowedFd<'_>) -> Result
     })
 }
 
-/// Moves aside every pinned map under `root` whose layout differs from this object's.
-fn set_aside_incompatible(root: &Path) -> Result<Vec<PathBuf>, Error> {
+/// Unpins every pinned map under `root` whose layout differs from this object's, so that
+/// the loader makes it anew.
+fn unpin_incompatible(root: &Path) -> Result<(), Error> {
     let obj = aya_obj::Object::parse(OBJECT).map_err(|e| Error::Parse(Box::new(e)))?;
-    let mut replaced = Vec::new();
     for &name in MAPS {
         let path = root.join(name);
         if !path.exists() {
@@ -620,10 +616,9 @@ fn set_aside_incompatible(root: &Path) -> Result<Vec<PathBuf>, Error> {
             // links take the new programs, which use the new map.
             fs::remove_file(&path).map_err(pin_err(&path))?;
             tracing::warn!(map = name, pin = %path.display(), "pinned map does not match this binary's layout; replacing it");
-            replaced.push(path);
         }
     }
-    Ok(replaced)
+    Ok(())
 }
 
 /// A sandbox's footprint in the kernel: its map rows and pinned links. Dropping it detaches

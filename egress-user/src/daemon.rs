@@ -86,6 +86,8 @@ pub enum Error {
     Policy(#[from] CompileError),
     #[error("another egress daemon uses {} (pid {pid}); stop it first, or give this one another confdir", path.display())]
     AlreadyRunning { path: PathBuf, pid: String },
+    #[error("cannot listen for signals")]
+    Signal(#[source] std::io::Error),
     #[error("cannot lock {}", path.display())]
     Lock {
         path: PathBuf,
@@ -1285,16 +1287,8 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
             }
         })
     };
-    let mut term =
-        tokio::signal::unix::signal(SignalKind::terminate()).map_err(|source| Error::Api {
-            path: api_path.clone(),
-            source,
-        })?;
-    let mut int =
-        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(|source| Error::Api {
-            path: api_path.clone(),
-            source,
-        })?;
+    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     let sig = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
