@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod deploy;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, run and test egress")]
@@ -36,11 +37,28 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// setup, fmt, clippy -D warnings, unit tests, then the privileged end-to-end tests.
+    /// setup, fmt, clippy -D warnings, unit tests, the deployment files under deploy/, then
+    /// the privileged end-to-end tests.
     Test {
         /// Extra arguments for the privileged test binary (a test name filter, for example).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Validate the deployment files under deploy/ (part of `test`).
+    CheckDeploy {
+        /// Use this egress binary for `egress daemon check` instead of building one.
+        #[arg(long, value_name = "PATH")]
+        egress_bin: Option<PathBuf>,
+    },
+    /// Build the container image (`egress:local`) from the release binary, offline: assembles
+    /// target/image and runs `docker build -f deploy/docker/Dockerfile` on it. Needs dockerd.
+    Image {
+        /// Tag of the image.
+        #[arg(long, default_value = deploy::IMAGE_TAG)]
+        tag: String,
+        /// Put this egress binary in the image instead of building one.
+        #[arg(long, value_name = "PATH")]
+        egress_bin: Option<PathBuf>,
     },
     /// Side-by-side benchmarks of egress, direct, mitmproxy and Squid; writes BENCHMARKS.md.
     /// Installs its peers on first use. Needs root.
@@ -84,6 +102,10 @@ const TEST_PACKAGES: &[&str] = &[
     "bpftool",
     // prometheus_client's OpenMetrics parser checks the daemon's /metrics.
     "python3-prometheus-client",
+    // The deployment files' validators: `systemd-analyze verify`, and a venv for the
+    // Compose and Kubernetes ones (deploy.rs).
+    "systemd",
+    "python3-venv",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -100,6 +122,22 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { args } => test(args),
+        Cmd::CheckDeploy { egress_bin } => {
+            let bin = match egress_bin {
+                Some(b) => b,
+                None => build(true)?,
+            };
+            deploy::check(&bin)
+        }
+        Cmd::Image { tag, egress_bin } => {
+            let bin = match egress_bin {
+                Some(b) => b,
+                None => build(true)?,
+            };
+            let tag = deploy::image(&bin, &tag)?;
+            println!("{tag}");
+            Ok(())
+        }
         Cmd::Bench {
             internal: Some(job),
             ..
@@ -190,6 +228,7 @@ fn setup() -> Result<()> {
             .env("PATH", path)
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))?;
     }
+    deploy::install_validators()?;
     Ok(())
 }
 
@@ -274,6 +313,9 @@ fn test(args: Vec<OsString>) -> Result<()> {
             "egress-tests",
         ])
         .env("EGRESS_BPF_OBJECT", &obj))?;
+    // The deployment files, checked with the release binary (no root needed).
+    let bin = build(true)?;
+    deploy::check(&bin)?;
 
     if env::var_os("EGRESS_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
         eprintln!();
@@ -287,7 +329,6 @@ fn test(args: Vec<OsString>) -> Result<()> {
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         return Ok(());
     }
-    let bin = build(true)?;
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--release", "-p", "egress-tests"])
         .env("EGRESS_BPF_OBJECT", &obj)
