@@ -118,19 +118,21 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Runs a validator on a good file (must pass) and on a broken copy (must fail).
-/// `passes` judges an output; most validators are judged by exit status alone.
+/// Runs a validator on a good file (must pass) and on a broken copy (must fail; `broken`
+/// is an error when the copy could not be made). The good file is judged first, so its
+/// own error is the one reported. `passes` judges an output; most validators are judged
+/// by exit status alone.
 fn good_and_broken(
     what: &str,
     mut good: Command,
-    mut broken: Command,
+    broken: Result<Command>,
     passes: impl Fn(&Output) -> bool,
 ) -> Result<()> {
     let o = output(&mut good)?;
     if !passes(&o) {
         bail!("{what}: invalid ({}):\n{}", o.status, text(&o));
     }
-    let o = output(&mut broken)?;
+    let o = output(&mut broken?)?;
     if passes(&o) {
         bail!(
             "{what}: the validator accepted a copy broken on purpose, so it proves nothing:\n{}",
@@ -170,12 +172,12 @@ fn check_systemd(src: &Path, scratch: &Path, egress: &Path) -> Result<()> {
     fs::create_dir_all(&good)?;
     fs::create_dir_all(&bad)?;
     fs::write(good.join("egress.service"), &unit)?;
-    write_replaced(
+    let broke = write_replaced(
         &bad.join("egress.service"),
         &unit,
         "Type=notify",
         "Type=notfy",
-    )?;
+    );
     for d in [&good, &bad] {
         fs::copy(src.join("agents.slice"), d.join("agents.slice"))?;
     }
@@ -186,9 +188,12 @@ fn check_systemd(src: &Path, scratch: &Path, egress: &Path) -> Result<()> {
             .arg(dir.join("agents.slice"));
         c
     };
-    good_and_broken("systemd units", verify(&good), verify(&bad), |o| {
-        o.status.success() && o.stdout.is_empty() && o.stderr.is_empty()
-    })
+    good_and_broken(
+        "systemd units",
+        verify(&good),
+        broke.map(|()| verify(&bad)),
+        |o| o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
+    )
 }
 
 /// `egress daemon check` on a shipped config (which also loads its policy file), and on a
@@ -205,7 +210,7 @@ fn check_daemon_config(egress: &Path, config: &Path, scratch: &Path) -> Result<(
         }
     }
     let broken = scratch.join(config.file_name().context("a config file has a name")?);
-    write_replaced(&broken, &text, "[daemon]\n", "[daemon]\nbogus_key = 1\n")?;
+    let broke = write_replaced(&broken, &text, "[daemon]\n", "[daemon]\nbogus_key = 1\n");
     let check = |f: &Path| {
         let mut c = Command::new(egress);
         c.args(["daemon", "check"]).arg(f);
@@ -214,7 +219,7 @@ fn check_daemon_config(egress: &Path, config: &Path, scratch: &Path) -> Result<(
     good_and_broken(
         &format!("egress daemon check {}", config.display()),
         check(config),
-        check(&broken),
+        broke.map(|()| check(&broken)),
         |o| o.status.success(),
     )
 }
@@ -225,7 +230,7 @@ fn check_compose(v: &Validators, dir: &Path, scratch: &Path) -> Result<()> {
     let text = fs::read_to_string(&file)?;
     fs::create_dir_all(scratch)?;
     let broken = scratch.join("compose.yaml");
-    write_replaced(&broken, &text, "privileged: true", "privilegd: true")?;
+    let broke = write_replaced(&broken, &text, "privileged: true", "privilegd: true");
     let config = |f: &Path| {
         let mut c = Command::new(&v.compose);
         c.arg("-f")
@@ -235,9 +240,12 @@ fn check_compose(v: &Validators, dir: &Path, scratch: &Path) -> Result<()> {
             .args(["config", "-q"]);
         c
     };
-    good_and_broken("compose.yaml", config(&file), config(&broken), |o| {
-        o.status.success()
-    })
+    good_and_broken(
+        "compose.yaml",
+        config(&file),
+        broke.map(|()| config(&broken)),
+        |o| o.status.success(),
+    )
 }
 
 /// Extracts a ConfigMap's files and checks that a kustomization's resources exist.
@@ -274,7 +282,7 @@ fn check_kubernetes(v: &Validators, egress: &Path, dir: &Path, scratch: &Path) -
     fs::create_dir_all(scratch)?;
     let ds = fs::read_to_string(dir.join("daemonset.yaml"))?;
     let broken = scratch.join("daemonset.yaml");
-    write_replaced(&broken, &ds, "hostPID: true", "hostPid: true")?;
+    let broke = write_replaced(&broken, &ds, "hostPID: true", "hostPid: true");
     for k in KUBERNETES_VERSIONS {
         let validate = |files: &[PathBuf]| {
             let mut c = Command::new(&v.kubernetes_validate);
@@ -284,7 +292,10 @@ fn check_kubernetes(v: &Validators, egress: &Path, dir: &Path, scratch: &Path) -
         good_and_broken(
             &format!("Kubernetes manifests (v{k}, strict)"),
             validate(&manifests),
-            validate(std::slice::from_ref(&broken)),
+            match &broke {
+                Ok(()) => Ok(validate(std::slice::from_ref(&broken))),
+                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+            },
             |o| o.status.success(),
         )?;
     }
