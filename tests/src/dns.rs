@@ -62,7 +62,20 @@ impl StubResolver {
     /// Like [`StubResolver::start`], on `ip` (an address of a veth the test made, so that a
     /// sandbox's own network namespace can reach it).
     pub fn start_at(ip: IpAddr, records: &[(&str, IpAddr)]) -> StubResolver {
-        let (udp, tcp) = bind_pair(ip);
+        Self::serve(bind_pair(ip), records)
+    }
+
+    /// Like [`StubResolver::start_at`], on a given port: `ip:53` for clients (such as Docker's
+    /// `--dns`) that cannot be told a port.
+    pub fn start_on(addr: SocketAddr, records: &[(&str, IpAddr)]) -> StubResolver {
+        let udp = UdpSocket::bind(addr)
+            .unwrap_or_else(|e| panic!("stub resolver cannot bind UDP on {addr}: {e}"));
+        let tcp = TcpListener::bind(addr)
+            .unwrap_or_else(|e| panic!("stub resolver cannot bind TCP on {addr}: {e}"));
+        Self::serve((udp, tcp), records)
+    }
+
+    fn serve((udp, tcp): (UdpSocket, TcpListener), records: &[(&str, IpAddr)]) -> StubResolver {
         let addr = udp
             .local_addr()
             .unwrap_or_else(|e| panic!("stub resolver UDP socket has no address: {e}"));

@@ -6,6 +6,7 @@
 //! `cargo xtask test`, which says so in capitals.
 #![allow(unsafe_code)]
 
+pub mod containers;
 pub mod daemon;
 pub mod dns;
 pub mod origin;

@@ -633,6 +633,39 @@ fn status(code: &str) -> Response<ResBody> {
     }
 }
 
+/// The test CA the origins' leaves come from, written where the daemon reads it
+/// (`upstream_ca`).
+pub struct OriginCa {
+    pub ca: TestCa,
+    pub file: std::path::PathBuf,
+    _dir: crate::TempDir,
+}
+
+impl OriginCa {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        let dir = crate::TempDir::new("origin-ca");
+        let ca = TestCa::new("egress daemon tests origin CA");
+        let file = dir.path("origin-ca.pem");
+        ca.write_pem(&file);
+        OriginCa {
+            ca,
+            file,
+            _dir: dir,
+        }
+    }
+
+    /// The `[daemon]` line that makes egress trust the origins.
+    pub fn daemon_line(&self) -> String {
+        format!("upstream_ca = [\"{}\"]", self.file.display())
+    }
+
+    /// An HTTPS origin on `ip:443` with a leaf for `names`.
+    pub fn origin(&self, ip: std::net::Ipv4Addr, names: &[&str]) -> Origin {
+        Origin::start(&format!("{ip}:443"), Some(self.ca.leaf(names)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{future::Future, time::Instant};

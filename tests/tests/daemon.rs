@@ -20,7 +20,7 @@ use egress_tests::{
     },
     dns::StubResolver,
     egress_bin,
-    origin::{Origin, TestCa},
+    origin::{Origin, OriginCa},
     pinned_counter, testclient, touch, TempDir, Upstream,
 };
 use serde_json::{json, Value};
@@ -33,38 +33,6 @@ fn need(bin: &str) {
         Path::new(bin).exists(),
         "{bin} is required by this test and missing; `cargo xtask setup` installs it"
     );
-}
-
-/// The test CA the origins' leaves come from, written where the daemon reads it
-/// (`upstream_ca`).
-struct OriginCa {
-    ca: TestCa,
-    file: PathBuf,
-    _dir: TempDir,
-}
-
-impl OriginCa {
-    fn new() -> Self {
-        let dir = TempDir::new("origin-ca");
-        let ca = TestCa::new("egress daemon tests origin CA");
-        let file = dir.path("origin-ca.pem");
-        ca.write_pem(&file);
-        OriginCa {
-            ca,
-            file,
-            _dir: dir,
-        }
-    }
-
-    /// The `[daemon]` line that makes egress trust the origins.
-    fn daemon_line(&self) -> String {
-        format!("upstream_ca = [\"{}\"]", self.file.display())
-    }
-
-    /// An HTTPS origin on `ip:443` with a leaf for `names`.
-    fn origin(&self, ip: Ipv4Addr, names: &[&str]) -> Origin {
-        Origin::start(&format!("{ip}:443"), Some(self.ca.leaf(names)))
-    }
 }
 
 /// What a sandboxed curl got: the HTTP status (0 when there was no HTTP answer), the body,

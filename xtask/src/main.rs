@@ -106,6 +106,9 @@ const TEST_PACKAGES: &[&str] = &[
     // Compose and Kubernetes ones (deploy.rs).
     "systemd",
     "python3-venv",
+    // The container tests' runtime: dockerd, containerd and runc (tests/src/containers.rs
+    // starts dockerd when none runs).
+    "docker.io",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
