@@ -33,8 +33,27 @@ fn effective() -> u64 {
         .unwrap_or(0)
 }
 
+/// CAP_SYS_ADMIN, CAP_BPF and CAP_PERFMON bits.
+const SYS_ADMIN: u32 = 21;
+const PERFMON: u32 = 38;
+const BPF: u32 = 39;
+
+/// `eff` with what the kernel grants through CAP_SYS_ADMIN added: `bpf_capable()` and
+/// `perfmon_capable()` accept it in place of CAP_BPF and CAP_PERFMON. Older runtimes (Docker
+/// 20.10) cannot name CAP_BPF at all, so a container given CAP_SYS_ADMIN must pass.
+fn with_implied(eff: u64) -> u64 {
+    if eff & (1u64 << SYS_ADMIN) != 0 {
+        eff | (1u64 << BPF) | (1u64 << PERFMON)
+    } else {
+        eff
+    }
+}
+
 pub fn require(needs: &[(&str, u32)]) -> Result<(), Missing> {
-    let eff = effective();
+    missing_from(with_implied(effective()), needs)
+}
+
+fn missing_from(eff: u64, needs: &[(&str, u32)]) -> Result<(), Missing> {
     let missing: Vec<&str> = needs
         .iter()
         .filter(|(_, bit)| eff & (1u64 << bit) == 0)
@@ -46,5 +65,22 @@ pub fn require(needs: &[(&str, u32)]) -> Result<(), Missing> {
         Err(Missing {
             missing: missing.join(", "),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sys_admin_stands_for_bpf_but_not_the_other_way_round() {
+        let bits = |b: &[u32]| b.iter().fold(0u64, |acc, b| acc | (1 << b));
+        let all = bits(&[21, 12, 7, 6]);
+        assert!(missing_from(with_implied(all), RUN_NEEDS).is_ok());
+        let no_admin = bits(&[39, 12, 7, 6]);
+        let err = missing_from(with_implied(no_admin), RUN_NEEDS).unwrap_err();
+        assert_eq!(err.missing, "CAP_SYS_ADMIN");
+        let err = missing_from(with_implied(bits(&[21])), RUN_NEEDS).unwrap_err();
+        assert_eq!(err.missing, "CAP_NET_ADMIN, CAP_SETUID, CAP_SETGID");
     }
 }

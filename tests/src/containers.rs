@@ -248,6 +248,35 @@ pub fn test_image() -> &'static Image {
     })
 }
 
+/// egress's own image, built with `deploy/docker/Dockerfile` from the context
+/// `cargo xtask test` assembles (`EGRESS_IMAGE_CONTEXT`, as `cargo xtask image` does).
+/// Built once per test binary, removed at its exit.
+pub fn egress_image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let ctx = std::env::var_os("EGRESS_IMAGE_CONTEXT").unwrap_or_else(|| {
+            panic!(
+                "EGRESS_IMAGE_CONTEXT is not set: run the container tests through \
+                 `cargo xtask test`, which assembles egress's image context"
+            )
+        });
+        let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/docker/Dockerfile");
+        let tag = format!("egress-test-egress:{}", std::process::id());
+        docker(&[
+            "build",
+            "-q",
+            "-t",
+            &tag,
+            "-f",
+            dockerfile.to_str().unwrap(),
+            Path::new(&ctx).to_str().unwrap(),
+        ]);
+        LEFTOVERS.lock().unwrap().images.push(tag.clone());
+        clean_up_at_exit_once();
+        tag
+    })
+}
+
 impl Image {
     /// A copy of this image whose system trust store (`/etc/ssl/certs/ca-certificates.crt`,
     /// where curl, OpenSSL and Python look by default) holds `ca_pem`: the CA "baked into

@@ -374,6 +374,9 @@ pub struct DaemonSpec {
     pub cgroup: Option<PathBuf>,
     /// More arguments for `egress daemon` (`--detach-on-exit`).
     pub args: Vec<String>,
+    /// Run the daemon from this image (egress's own) in a privileged container that
+    /// shares the host's pids, network and cgroups, as `deploy/docker/compose.yaml` does.
+    pub image: Option<String>,
 }
 
 /// A running (or stopped) `egress daemon`.
@@ -389,6 +392,8 @@ pub struct Daemon {
     pub dns_port: u16,
     cgroup: Option<PathBuf>,
     args: Vec<String>,
+    /// With [`DaemonSpec::image`]: the image, and the name of the container it runs in.
+    image: Option<(String, String)>,
     child: Option<Child>,
     /// How many times it was started; each start logs to its own file.
     starts: usize,
@@ -444,6 +449,10 @@ impl Daemon {
             dns_port,
             cgroup: spec.cgroup.clone(),
             args: spec.args.clone(),
+            image: spec.image.clone().map(|i| {
+                let name = format!("egress-test-daemon-{}-{}", std::process::id(), unique());
+                (i, name)
+            }),
             child: None,
             starts: 0,
             admin: None,
@@ -495,7 +504,28 @@ impl Daemon {
         self.admin = None;
         let stderr = File::create(self.dir.path(&format!("daemon-{}.err", self.starts))).unwrap();
         let stdout = File::create(self.dir.path(&format!("daemon-{}.out", self.starts))).unwrap();
-        let mut c = Command::new(egress_bin());
+        let mut c = match &self.image {
+            None => Command::new(egress_bin()),
+            Some((image, name)) => {
+                // Every path the test gives it (config, sockets, audit, CAs) is under the
+                // temp dir, mounted at the same place.
+                let tmp = std::env::temp_dir();
+                let mut c = Command::new(crate::containers::docker_cli());
+                // The capabilities deploy/docker/compose.yaml gives, and no others. (Docker
+                // 20.10 cannot name CAP_BPF; CAP_SYS_ADMIN covers bpf(2).)
+                c.args(["run", "--rm", "--name", name, "--cap-drop", "ALL"])
+                    .args(["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN"])
+                    .args(["--cap-add", "SYS_PTRACE"])
+                    .args(["--pid", "host", "--network", "host", "--cgroupns", "host"])
+                    .args(["-v", "/sys/fs/bpf:/sys/fs/bpf"])
+                    .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"])
+                    .args(["-v", "/var/run/docker.sock:/var/run/docker.sock"])
+                    .arg("-v")
+                    .arg(format!("{}:{}", tmp.display(), tmp.display()))
+                    .arg(image);
+                c
+            }
+        };
         c.args(["--log-format", "json", "--log", "info", "--log-file"])
             .arg(self.log_file())
             .args(["daemon", "--config"])
@@ -581,6 +611,10 @@ impl Daemon {
 
     /// SIGKILL, as a crash or the OOM killer would; waits until it is gone.
     pub fn kill9(&mut self) {
+        assert!(
+            self.image.is_none(),
+            "kill9 of a daemon in a container: not supported"
+        );
         let mut c = self.child.take().expect("the daemon is not running");
         c.kill().unwrap();
         c.wait().unwrap();
@@ -741,6 +775,10 @@ fn pinned_hash<K: aya::Pod, V: aya::Pod>(
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if let Some((_, name)) = &self.image {
+            // The container this harness started, by its name.
+            let _ = crate::containers::docker_output(&["rm", "-f", name]);
+        }
         if let Some(mut c) = self.child.take() {
             // Only the daemon this harness started, by its own handle.
             let _ = c.kill();

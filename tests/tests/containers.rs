@@ -14,7 +14,7 @@ use std::{
 };
 
 use egress_tests::{
-    containers::{docker_output, remove_v1_parents, test_image, Container, Network},
+    containers::{docker_output, egress_image, remove_v1_parents, test_image, Container, Network},
     daemon::{wait_for, Cgroup, Daemon, DaemonSpec},
     dns::StubResolver,
     egress_bin,
@@ -584,4 +584,50 @@ fn containers_stay_closed_while_the_daemon_is_down_and_a_restart_readopts_them()
     assert_eq!(curl(&c, ALLOWED, None, "/hello").status, 200);
     assert_eq!(dig(&c, ALLOWED), ("NOERROR".into(), vec![gw.to_string()]));
     assert_eq!(connect(&c, gw, 8080), "EPERM");
+}
+
+#[test]
+fn containers_egress_run_from_its_own_image_enrols_a_labelled_container() {
+    let host = Host::new();
+    let gw = host.gw();
+    // The daemon in a container of egress's image, started as deploy/docker/compose.yaml
+    // starts it (privileged; the host's pids, network and cgroups; bpffs and the Docker
+    // socket mounted).
+    let d = Daemon::start(DaemonSpec {
+        policy: POLICY.into(),
+        daemon: vec![host.ca.daemon_line()],
+        sandboxes: "[docker]\nwatch = true\n".into(),
+        image: Some(egress_image().into()),
+        ..Default::default()
+    });
+    let baked = test_image().with_ca(&d.ca_for_clients());
+    let mut opts = host.run_args();
+    opts.extend(["--label".into(), "egress.policy=agent".into()]);
+    let c = run(&baked.tag, "agent", &opts, &["sleep", "600"]);
+    wait_for("the labelled container to be enrolled", || {
+        listed(&d, &c.name)
+            .filter(|s| s["state"] == "active")
+            .ok_or_else(|| format!("{:?}", d.list()))
+    });
+    let ok = curl(&c, ALLOWED, None, "/hello");
+    assert_eq!(
+        (ok.status, ok.body.as_str()),
+        (200, "hello from allowed.test"),
+        "{ok:?}"
+    );
+    assert_eq!(curl(&c, DENIED, Some(gw), "/hello").status, 403);
+    assert_eq!(connect(&c, gw, 8080), "EPERM");
+    assert_eq!(host.other.accepted(), 0);
+    assert_eq!(
+        host.origin.requests()[0].peer.ip(),
+        IpAddr::V4(c.ip(&host.net)),
+        "the upstream connection must leave from the agent's netns"
+    );
+    let requests = audit_of(&d, "request");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["sandbox"] == c.name.as_str() && r["comm"] == "curl" && r["status"] == 200),
+        "{requests:#?}"
+    );
 }

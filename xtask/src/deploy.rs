@@ -230,7 +230,7 @@ fn check_compose(v: &Validators, dir: &Path, scratch: &Path) -> Result<()> {
     let text = fs::read_to_string(&file)?;
     fs::create_dir_all(scratch)?;
     let broken = scratch.join("compose.yaml");
-    let broke = write_replaced(&broken, &text, "privileged: true", "privilegd: true");
+    let broke = write_replaced(&broken, &text, "cap_add: [", "cap_ad: [");
     let config = |f: &Path| {
         let mut c = Command::new(&v.compose);
         c.arg("-f")
@@ -333,8 +333,10 @@ pub fn image(egress: &Path, tag: &str) -> Result<String> {
     Ok(tag.to_owned())
 }
 
-/// Lays out the image's file system in `ctx`.
-fn assemble(egress: &Path, ctx: &Path) -> Result<()> {
+/// Lays out the image's file system in `ctx`: the build context of
+/// `deploy/docker/Dockerfile`. The container tests build the image from it themselves, on
+/// the engine they start.
+pub fn assemble(egress: &Path, ctx: &Path) -> Result<()> {
     if ctx.exists() {
         fs::remove_dir_all(ctx)?;
     }

@@ -332,10 +332,14 @@ fn test(args: Vec<OsString>) -> Result<()> {
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         return Ok(());
     }
+    // The egress image's build context, for the test that runs the daemon from its image.
+    let image_context = workspace_root().join("target/image");
+    deploy::assemble(&bin, &image_context)?;
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--release", "-p", "egress-tests"])
         .env("EGRESS_BPF_OBJECT", &obj)
-        .env("EGRESS_BIN", &bin);
+        .env("EGRESS_BIN", &bin)
+        .env("EGRESS_IMAGE_CONTEXT", &image_context);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
