@@ -305,8 +305,15 @@ mod tests {
 
     #[test]
     fn finds_this_machines_mount() {
-        // Every Linux 5.x+ test host has some mountinfo; the parser must not choke on it.
+        // egress needs cgroup2, so every machine it is tested on has one mounted: the parser
+        // must find it in the real mountinfo, and it must be a cgroup2 root.
         let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let _ = parse_mountinfo(&text, "cgroup2");
+        let root = parse_mountinfo(&text, "cgroup2").expect("no cgroup2 mount found");
+        assert!(
+            root.join("cgroup.controllers").exists(),
+            "{} is not a cgroup2 root",
+            root.display()
+        );
+        assert_eq!(parse_mountinfo(&text, "no-such-fs"), None);
     }
 }

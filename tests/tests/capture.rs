@@ -6,8 +6,9 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use egress_common::{Counter, SockKey, SockRecord};
 use egress_tests::{
-    cgroup2_root, egress_bin, gc, pinned_counter, pinned_map_len, testclient, touch, Egress,
-    TempDir, Upstream,
+    cgroup2_root,
+    daemon::{run_in, Cgroup, NOBODY},
+    egress_bin, gc, pinned_counter, pinned_map_len, testclient, touch, Egress, TempDir, Upstream,
 };
 use serde_json::Value;
 
@@ -246,13 +247,41 @@ fn child_cgroup_is_still_captured() {
 // 5b. The sandboxed command cannot move itself out of its cgroup.
 #[test]
 fn sandbox_cannot_leave_its_cgroup() {
-    let root_procs = cgroup2_root().join("cgroup.procs");
-    let f = Egress::run(&LO, &[&tc(), "escape", &root_procs.display().to_string()]).finish();
+    use std::os::unix::fs::chown;
+    // A subtree delegated to nobody, as a user's own cgroups are: P with children X and Y,
+    // the directories and their cgroup.procs owned by nobody.
+    let p = Cgroup::new("escape");
+    let (x, y) = (p.child("x"), p.child("y"));
+    for cg in [&p, &x, &y] {
+        for f in [cg.path().to_path_buf(), cg.path().join("cgroup.procs")] {
+            chown(&f, Some(NOBODY), Some(NOBODY)).unwrap();
+        }
+    }
+    let target = y.path().join("cgroup.procs");
+    let escape = |out: &[u8]| -> Value {
+        serde_json::from_str(String::from_utf8_lossy(out).trim())
+            .unwrap_or_else(|e| panic!("testclient printed no JSON ({e}): {out:?}"))
+    };
+    // Control: nobody, started in X, moves itself into Y, a cgroup it owns.
+    let control = escape(&run_in(&x, None, &[&tc(), "escape", target.to_str().unwrap()]).stdout);
+    assert_eq!(
+        control["escaped"], true,
+        "nobody can move between its own cgroups: {control}"
+    );
+    // The same move from inside the sandbox is refused: the sandbox's cgroup and its
+    // ancestors are egress's (root's), and moving needs write access to the common ancestor.
+    let f = Egress::run(&LO, &[&tc(), "escape", target.to_str().unwrap()]).finish();
     let out = f.client_json();
     assert_eq!(out["escaped"], false, "{out}");
     assert!(
         out["errno"] == libc::EACCES || out["errno"] == libc::EPERM,
         "{out}"
+    );
+    let in_y = std::fs::read_to_string(&target).unwrap();
+    let pid = out["pid"].to_string();
+    assert!(
+        !in_y.lines().any(|l| l == pid),
+        "the sandboxed process is in Y: {in_y}"
     );
 }
 

@@ -199,19 +199,43 @@ fn server_sent_events_arrive_one_by_one() {
                   t0 = time.monotonic()\n\
                   for line in r:\n\
                   \x20   if line.startswith(b'data:'): print(round((time.monotonic() - t0) * 1000), line.decode().strip(), flush=True)\n";
+    let arrivals = |stdout: &str| -> Vec<u64> {
+        stdout
+            .lines()
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    // The control: the same client straight to the origin, outside egress, trusting the
+    // origin's CA. It shows what spacing this machine delivers right now.
+    let direct = Command::new(PY)
+        .args(["-c", script])
+        .env("SSL_CERT_FILE", &s.ca_file)
+        .output()
+        .unwrap();
+    assert!(direct.status.success(), "{direct:?}");
+    let control = arrivals(&String::from_utf8_lossy(&direct.stdout));
     let f = Egress::run(&s.args(&["--allow", "127.0.24.2"]), &[PY, "-c", script]).finish();
     assert!(f.status.success(), "{f:#?}");
-    let times: Vec<u64> = f
-        .stdout
-        .lines()
-        .map(|l| l.split(' ').next().unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(times.len(), 5, "{}", f.stdout);
-    // Spaced ~200 ms apart at the origin; buffering in the proxy would bunch them at the end.
-    for w in times.windows(2) {
-        assert!(w[1] >= w[0] + 100, "events arrived bunched: {times:?}");
-    }
-    assert!(times[4] - times[0] >= 600, "{times:?}");
+    let times = arrivals(&f.stdout);
+    assert_eq!((times.len(), control.len()), (5, 5), "{}", f.stdout);
+    // The origin spaces them ~200 ms apart; buffering in the proxy would bunch them at the
+    // end. Judged against the control rather than a fixed threshold, so that a loaded
+    // machine's jitter does not decide: the spread must be at least half the control's, and
+    // at most one gap may shrink below a quarter of the control's smallest.
+    let spread = |t: &[u64]| t[4] - t[0];
+    assert!(
+        spread(&times) * 2 >= spread(&control),
+        "events arrived bunched: {times:?} (direct: {control:?})"
+    );
+    let min_gap = control.windows(2).map(|w| w[1] - w[0]).min().unwrap();
+    let short = times
+        .windows(2)
+        .filter(|w| (w[1] - w[0]) * 4 < min_gap)
+        .count();
+    assert!(
+        short <= 1,
+        "events arrived bunched: {times:?} (direct: {control:?})"
+    );
 }
 
 #[test]
@@ -421,7 +445,7 @@ print(urllib.request.urlopen('https://127.0.30.2/hello').read().decode())
     assert!(f.status.success(), "{f:#?}");
     let lines: Vec<&str> = f.stdout.lines().collect();
     let n: Vec<usize> = lines[0].split(' ').map(|x| x.parse().unwrap()).collect();
-    assert!(n[0] > 200 && n[1] == n[0] + 200, "{lines:?}");
+    assert!(n[0] > 200, "a real ClientHello was cut: {lines:?}");
     assert_eq!(
         lines[1], "hello from 127.0.30.2",
         "the proxy still serves after {} bad inputs",
@@ -456,13 +480,24 @@ fn the_ca_survives_a_restart() {
         std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
         0o600
     );
-    // A run with the same confdir uses, and keeps, the same CA.
+    // A run with the same confdir uses, and keeps, the same CA: curl trusts only that CA
+    // (a copy the sandbox user can read), not whatever egress points the environment at, so
+    // a run that ignored --confdir (and minted a CA elsewhere) fails verification.
+    let trusted = dir.path("trusted-ca.pem");
+    std::fs::copy(conf.join("ca.pem"), &trusted).unwrap();
+    std::fs::set_permissions(
+        &trusted,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let s = site("127.0.31.2");
     let f = Egress::run(
         &s.args(&["--allow", "origin.test", "--confdir", conf_s]),
         &[
             "curl",
             "-sS",
+            "--cacert",
+            trusted.to_str().unwrap(),
             "--resolve",
             &s.resolve(),
             "https://origin.test/hello",
@@ -486,23 +521,32 @@ fn idle_and_slow_clients_do_not_hurt_others() {
     // 300 connections that never finish a ClientHello (slowloris), then a normal request.
     let script = r#"
 import socket, time, urllib.request
+def timed():
+    t = time.monotonic()
+    body = urllib.request.urlopen('https://127.0.32.2/hello').read().decode()
+    return body, round((time.monotonic() - t) * 1000)
+timed()  # the first visit mints the leaf; the control is the second
+_, control = timed()
 idle = []
 for i in range(300):
     c = socket.create_connection(('127.0.32.2', 443))
     if i % 2: c.sendall(b'\x16\x03\x01\x02')
     idle.append(c)
-t = time.monotonic()
-print(urllib.request.urlopen('https://127.0.32.2/hello').read().decode())
-print(round((time.monotonic() - t) * 1000))
+body, loaded = timed()
+print(body)
+print(control, loaded)
 "#;
     let f = Egress::run(&s.args(&["--allow", "127.0.32.2"]), &[PY, "-c", script]).finish();
     assert!(f.status.success(), "{f:#?}");
     let lines: Vec<&str> = f.stdout.lines().collect();
     assert_eq!(lines[0], "hello from 127.0.32.2", "{f:#?}");
-    let ms: u64 = lines[1].parse().unwrap();
+    let ms: Vec<u64> = lines[1].split(' ').map(|x| x.parse().unwrap()).collect();
+    let (control, loaded) = (ms[0], ms[1]);
+    // Against the same request without the stalled clients: a proxy that let them hold it
+    // up would take seconds (until their timeouts), not a scheduling hiccup more.
     assert!(
-        ms < 3000,
-        "a normal request took {ms} ms next to 300 stalled clients"
+        loaded <= control + 2000,
+        "a normal request took {loaded} ms next to 300 stalled clients, {control} ms without"
     );
 }
 

@@ -320,7 +320,14 @@ fn test(args: Vec<OsString>) -> Result<()> {
     let bin = build(true)?;
     deploy::check(&bin)?;
 
-    if env::var_os("EGRESS_SKIP_PRIVILEGED").is_some_and(|v| v == "1") {
+    let skip = env::var_os("EGRESS_SKIP_PRIVILEGED").is_some_and(|v| v == "1");
+    // On CI, skipping is a failure: a green run must mean the kernel was tested.
+    if skip && env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false") {
+        bail!(
+            "EGRESS_SKIP_PRIVILEGED=1 with CI set: CI does not pass without the privileged tests"
+        );
+    }
+    if skip {
         eprintln!();
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         eprintln!(
