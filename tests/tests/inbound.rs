@@ -334,6 +334,11 @@ fn inbound_policy_file_key() {
         "secret from the sandbox"
     );
     e.finish();
+    // A port the policy does not name is held to loopback.
+    let mut e = brief_server(&["--policy", &policy], "0.0.0.0", port + 100);
+    assert_eq!(bound(&mut e)["local"], "127.0.0.1");
+    refused(host.at(port + 100));
+    e.finish();
 }
 
 // The daemon applies a policy's `inbound` to its sandbox (in its own netns, reached over
