@@ -23,6 +23,11 @@ pub mod maps {
     pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
     /// Capacity of [`INTERCEPT_PORTS`], over all sandboxes.
     pub const INTERCEPT_PORTS_MAX_ENTRIES: u32 = 16384;
+    /// [`super::PortKey`] -> 1 for every port (TCP or UDP) a sandbox may bind on every
+    /// address (`--allow-inbound`); every other bind is held to loopback.
+    pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
+    /// Capacity of [`INBOUND_PORTS`], over all sandboxes.
+    pub const INBOUND_PORTS_MAX_ENTRIES: u32 = 16384;
     /// LPM trie of [`super::Allow4`]: IPv4 CIDR:port pairs a sandbox may reach directly.
     pub const ALLOW4: &str = "ALLOW4";
     /// Capacity of [`ALLOW4`], over all sandboxes.
@@ -72,6 +77,9 @@ pub mod programs {
     pub const SOCK_CREATE: &str = "egress_sock_create";
     pub const RECVMSG4: &str = "egress_recvmsg4";
     pub const RECVMSG6: &str = "egress_recvmsg6";
+    /// cgroup/bind4 and bind6: a sandbox listens on loopback only.
+    pub const BIND4: &str = "egress_bind4";
+    pub const BIND6: &str = "egress_bind6";
     /// cgroup_skb/egress: names the sender of each DNS datagram.
     pub const SKB: &str = "egress_skb";
     /// cgroup_skb/egress with the `--strict` backstop on top.
@@ -112,7 +120,7 @@ pub struct Sandbox {
 /// [`Sandbox::flags`]: drop packets to anything but the listeners and allowances.
 pub const SANDBOX_STRICT: u32 = 1;
 
-/// Key of [`maps::INTERCEPT_PORTS`].
+/// Key of [`maps::INTERCEPT_PORTS`] and [`maps::INBOUND_PORTS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortKey {
@@ -221,6 +229,8 @@ pub enum EventKind {
     RecordFailed = 5,
     /// A socket that is neither TCP nor UDP (ICMP ping, raw, SCTP, MPTCP) refused at creation.
     DenySocket = 6,
+    /// A bind to a specific non-loopback address on a port not allowed inbound.
+    DenyBind = 7,
 }
 
 impl EventKind {
@@ -232,6 +242,7 @@ impl EventKind {
             4 => Self::DenyNoSandbox,
             5 => Self::RecordFailed,
             6 => Self::DenySocket,
+            7 => Self::DenyBind,
             _ => return None,
         })
     }

@@ -10,6 +10,7 @@
 //! the listener, and with `--strict` drops any packet not bound for a listener or allowance.
 //!
 //! - [`sock_addr`]: connect, sendmsg, recvmsg and getpeername, where the verdicts are made.
+//! - [`bind`]: binds, held to loopback unless the port is allowed inbound.
 //! - [`sockops`]: re-keys a redirected connection by its 4-tuple.
 //! - [`sock`]: socket creation and release.
 //! - [`skb`]: the cgroup_skb programs that read the packets leaving a sandbox.
@@ -17,6 +18,7 @@
 #![no_std]
 #![no_main]
 
+mod bind;
 mod event;
 mod maps;
 mod sandbox;

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use egress_common::{
     maps::{
         ALLOW4_MAX_ENTRIES, ALLOW6_MAX_ENTRIES, DNS_BY_COOKIE_MAX_ENTRIES, DNS_PEERS_MAX_ENTRIES,
-        EVENTS_BYTE_SIZE, INTERCEPT_PORTS_MAX_ENTRIES, ORIG_BY_COOKIE_MAX_ENTRIES,
-        ORIG_BY_TUPLE_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
+        EVENTS_BYTE_SIZE, INBOUND_PORTS_MAX_ENTRIES, INTERCEPT_PORTS_MAX_ENTRIES,
+        ORIG_BY_COOKIE_MAX_ENTRIES, ORIG_BY_TUPLE_MAX_ENTRIES, SANDBOXES_MAX_ENTRIES,
     },
     Allow4, Allow6, Counter, DnsClient, DnsPeerKey, PortKey, Sandbox, SockKey, SockRecord,
     COUNTER_SLOTS,
@@ -23,6 +23,10 @@ pub(crate) static SANDBOXES: HashMap<u64, Sandbox> =
 #[map(name = "INTERCEPT_PORTS")]
 pub(crate) static INTERCEPT_PORTS: HashMap<PortKey, u32> =
     HashMap::with_max_entries(INTERCEPT_PORTS_MAX_ENTRIES, 0);
+
+#[map(name = "INBOUND_PORTS")]
+pub(crate) static INBOUND_PORTS: HashMap<PortKey, u32> =
+    HashMap::with_max_entries(INBOUND_PORTS_MAX_ENTRIES, 0);
 
 #[map(name = "ALLOW4")]
 pub(crate) static ALLOW4: LpmTrie<Allow4, u32> = LpmTrie::with_max_entries(ALLOW4_MAX_ENTRIES, 0);

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use egress_common::{Allow4, Allow6, PortKey, Sandbox, ALLOW_FIXED_PREFIX, MAX_CGROUP_DEPTH};
 
-use crate::maps::{ALLOW4, ALLOW6, INTERCEPT_PORTS, SANDBOXES};
+use crate::maps::{ALLOW4, ALLOW6, INBOUND_PORTS, INTERCEPT_PORTS, SANDBOXES};
 
 /// The deepest registered sandbox containing the current task's cgroup.
 ///
@@ -57,6 +57,17 @@ pub(crate) fn intercepted(sandbox: u32, port: u16) -> bool {
     };
     // SAFETY: only presence is checked.
     unsafe { INTERCEPT_PORTS.get(key) }.is_some()
+}
+
+/// Whether the sandbox may bind `port` on every address (`--allow-inbound`).
+#[inline(always)]
+pub(crate) fn inbound_allowed(sandbox: u32, port: u16) -> bool {
+    let key = PortKey {
+        sandbox,
+        port: port as u32,
+    };
+    // SAFETY: only presence is checked.
+    unsafe { INBOUND_PORTS.get(key) }.is_some()
 }
 
 #[inline(always)]

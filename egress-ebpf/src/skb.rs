@@ -14,7 +14,7 @@ use egress_common::{
 use crate::{
     event::submit,
     maps::{count, DNS_BY_COOKIE, DNS_PEERS},
-    sandbox::{allowed4, allowed6, at_any_listener, find_sandbox_skb},
+    sandbox::{allowed4, allowed6, at_any_listener, find_sandbox_skb, inbound_allowed},
 };
 
 const PASS_SKB: i32 = 1;
@@ -126,7 +126,8 @@ pub fn egress_skb(ctx: SkBuffContext) -> i32 {
 }
 
 /// The `--strict` backstop: a packet from a sandbox socket leaves only for a listener or a
-/// TCP allowance. The socket hooks already refuse everything else; this catches whatever
+/// TCP allowance, or from a port allowed inbound (the replies of a server the sandbox may
+/// run). The socket hooks already refuse everything else; this catches whatever
 /// they might miss (a kernel path without a hook, a bug), and counts it.
 #[cgroup_skb(egress)]
 pub fn egress_skb_strict(ctx: SkBuffContext) -> i32 {
@@ -160,12 +161,13 @@ fn strict_allows(ctx: &SkBuffContext, sb: &Sandbox) -> bool {
             if proto != IPPROTO_TCP_U8 && proto != IPPROTO_UDP_U8 {
                 return false;
             }
-            let Ok(port) = ctx.load::<u16>(ihl + 2) else {
+            let (Ok(sport), Ok(port)) = (ctx.load::<u16>(ihl), ctx.load::<u16>(ihl + 2)) else {
                 return false;
             };
             let port = u16::from_be(port);
             let addr = v4_mapped(dst);
-            at_any_listener(sb, true, addr, port)
+            inbound_allowed(sb.id, u16::from_be(sport))
+                || at_any_listener(sb, true, addr, port)
                 || (proto == IPPROTO_TCP_U8 && allowed4(sb.id, dst, port))
         }
         6 => {
@@ -175,18 +177,20 @@ fn strict_allows(ctx: &SkBuffContext, sb: &Sandbox) -> bool {
             if next != IPPROTO_TCP_U8 && next != IPPROTO_UDP_U8 {
                 return false;
             }
-            let (Ok(a0), Ok(a1), Ok(a2), Ok(a3), Ok(port)) = (
+            let (Ok(a0), Ok(a1), Ok(a2), Ok(a3), Ok(sport), Ok(port)) = (
                 ctx.load::<u32>(24),
                 ctx.load::<u32>(28),
                 ctx.load::<u32>(32),
                 ctx.load::<u32>(36),
+                ctx.load::<u16>(40),
                 ctx.load::<u16>(42),
             ) else {
                 return false;
             };
             let addr = [a0, a1, a2, a3];
             let port = u16::from_be(port);
-            at_any_listener(sb, false, addr, port)
+            inbound_allowed(sb.id, u16::from_be(sport))
+                || at_any_listener(sb, false, addr, port)
                 || (next == IPPROTO_TCP_U8 && allowed6(sb.id, addr, port))
         }
         _ => false,

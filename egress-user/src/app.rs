@@ -225,6 +225,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         &cfg.flags,
     )?;
     let allow_tcp = live.sandbox.tcp.clone();
+    let inbound = live.sandbox.inbound.clone();
     let resolvers = if cfg.dns_upstreams.is_empty() {
         dns::upstream::Upstreams::from_resolv_conf(Path::new(RESOLV_CONF))?
     } else {
@@ -303,10 +304,16 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         let flags = cfg.flags.clone();
         let load = move |p: &Path| crate::policy::compile(Some(p), policy_name.as_deref(), &flags);
         let kernel_tcp = allow_tcp.clone();
+        let kernel_inbound = inbound.clone();
         let on_swap = move |new: &crate::policy::LivePolicy| {
             if new.sandbox.tcp != kernel_tcp {
                 warn!(
                     "the reloaded policy changes `tcp` allowances; those apply from the next start"
+                );
+            }
+            if new.sandbox.inbound != kernel_inbound {
+                warn!(
+                    "the reloaded policy changes `inbound` ports; those apply from the next start"
                 );
             }
         };
@@ -331,6 +338,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         isolate_net = cfg.isolate_net,
         intercept_ports = ?cfg.intercept_ports,
         allow_tcp = ?allow_tcp.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        inbound = ?inbound,
         "sandbox ready"
     );
     Ok(Bound {

@@ -172,6 +172,8 @@ pub const ATTACH: &[Attach] = &[
     attach(programs::RECVMSG4, Kind::SockAddr),
     attach(programs::RECVMSG6, Kind::SockAddr),
     attach(programs::SOCK_CREATE, Kind::Sock),
+    attach(programs::BIND4, Kind::SockAddr),
+    attach(programs::BIND6, Kind::SockAddr),
     attach(programs::SENDMSG4, Kind::SockAddr),
     attach(programs::SENDMSG6, Kind::SockAddr),
     attach(programs::CONNECT4, Kind::SockAddr),
@@ -198,6 +200,7 @@ fn program_for(slot: &Attach, strict: bool) -> Attach {
 pub const MAPS: &[&str] = &[
     maps::SANDBOXES,
     maps::INTERCEPT_PORTS,
+    maps::INBOUND_PORTS,
     maps::ALLOW4,
     maps::ALLOW6,
     maps::ORIG_BY_COOKIE,
@@ -219,6 +222,8 @@ pub struct SandboxSpec {
     pub dns6_port: u16,
     pub intercept_ports: Vec<u16>,
     pub allow_tcp: Vec<TcpAllow>,
+    /// Ports the sandbox may bind on every address (`--allow-inbound`).
+    pub inbound_ports: Vec<u16>,
     /// Attach the `--strict` backstop.
     pub strict: bool,
 }
@@ -243,6 +248,7 @@ impl SandboxSpec {
 struct Maps {
     sandboxes: HashMap<MapData, u64, Sandbox>,
     ports: HashMap<MapData, PortKey, u32>,
+    inbound: HashMap<MapData, PortKey, u32>,
     allow4: LpmTrie<MapData, Allow4, u32>,
     allow6: LpmTrie<MapData, Allow6, u32>,
     counters: PerCpuArray<MapData, u64>,
@@ -259,6 +265,15 @@ impl Maps {
             .collect();
         for k in ports {
             let _ = self.ports.remove(&k);
+        }
+        let inbound: Vec<PortKey> = self
+            .inbound
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.sandbox == id && keep.is_none_or(|r| !r.inbound.contains(k)))
+            .collect();
+        for k in inbound {
+            let _ = self.inbound.remove(&k);
         }
         let be = id.to_be();
         let allow4: Vec<Key<Allow4>> = self
@@ -367,6 +382,8 @@ impl Kernel {
                 .map_err(map_err(maps::SANDBOXES, "open"))?,
             ports: HashMap::try_from(take(maps::INTERCEPT_PORTS)?)
                 .map_err(map_err(maps::INTERCEPT_PORTS, "open"))?,
+            inbound: HashMap::try_from(take(maps::INBOUND_PORTS)?)
+                .map_err(map_err(maps::INBOUND_PORTS, "open"))?,
             allow4: LpmTrie::try_from(take(maps::ALLOW4)?)
                 .map_err(map_err(maps::ALLOW4, "open"))?,
             allow6: LpmTrie::try_from(take(maps::ALLOW6)?)
@@ -421,6 +438,7 @@ impl Kernel {
             cgroup_id,
             sandbox: spec.id,
             ports: Vec::new(),
+            inbound: Vec::new(),
             allow4: Vec::new(),
             allow6: Vec::new(),
             links: Vec::new(),
@@ -490,7 +508,8 @@ impl Kernel {
         let m = lock(&self.maps);
         let rows = m.sandboxes.iter().filter_map(Result::ok).map(|(_, v)| v.id);
         let ports = m.ports.keys().filter_map(Result::ok).map(|k| k.sandbox);
-        rows.chain(ports).max().unwrap_or(0)
+        let inbound = m.inbound.keys().filter_map(Result::ok).map(|k| k.sandbox);
+        rows.chain(ports).chain(inbound).max().unwrap_or(0)
     }
 
     /// Sum over CPUs of one kernel counter.
@@ -630,6 +649,7 @@ pub struct Registration {
     cgroup_id: u64,
     sandbox: u32,
     ports: Vec<PortKey>,
+    inbound: Vec<PortKey>,
     allow4: Vec<Key<Allow4>>,
     allow6: Vec<Key<Allow6>>,
     links: Vec<PinnedLink>,
@@ -654,11 +674,29 @@ impl Registration {
             self.ports.push(key);
         }
         drop(m);
+        self.write_inbound(&spec.inbound_ports)?;
         self.write_allow(&spec.allow_tcp)?;
         lock(&self.maps)
             .sandboxes
             .insert(self.cgroup_id, spec.row(), 0)
             .map_err(map_err(maps::SANDBOXES, "insert"))?;
+        Ok(())
+    }
+
+    fn write_inbound(&mut self, ports: &[u16]) -> Result<(), Error> {
+        let mut m = lock(&self.maps);
+        for &port in ports {
+            let key = PortKey {
+                sandbox: self.sandbox,
+                port: port.into(),
+            };
+            m.inbound
+                .insert(key, 1, 0)
+                .map_err(map_err(maps::INBOUND_PORTS, "insert"))?;
+            if !self.inbound.contains(&key) {
+                self.inbound.push(key);
+            }
+        }
         Ok(())
     }
 
@@ -733,6 +771,26 @@ impl Registration {
         Ok(())
     }
 
+    /// Replaces the ports the sandbox may bind on every address (a reloaded policy's
+    /// `inbound`): new rows first, then the old ones that are not kept.
+    pub fn set_inbound(&mut self, ports: &[u16]) -> Result<(), Error> {
+        let old = std::mem::take(&mut self.inbound);
+        if let Err(e) = self.write_inbound(ports) {
+            // Keep tracking every row still in the map, so removal deletes them all.
+            for k in old {
+                if !self.inbound.contains(&k) {
+                    self.inbound.push(k);
+                }
+            }
+            return Err(e);
+        }
+        let mut m = lock(&self.maps);
+        for k in old.iter().filter(|k| !self.inbound.contains(k)) {
+            let _ = m.inbound.remove(k);
+        }
+        Ok(())
+    }
+
     /// Leaves links, rows and pins in place: the sandbox stays captured with no egress
     /// running, until a new egress re-adopts it or `egress gc` removes it.
     pub fn persist(mut self) {
@@ -756,6 +814,9 @@ impl Drop for Registration {
         let _ = m.sandboxes.remove(&self.cgroup_id);
         for k in &self.ports {
             let _ = m.ports.remove(k);
+        }
+        for k in &self.inbound {
+            let _ = m.inbound.remove(k);
         }
         for k in &self.allow4 {
             let _ = m.allow4.remove(k);

@@ -27,6 +27,7 @@ Examples:
   sudo egress --log-format json --log-file /tmp/egress.log run --isolate-net -- ./agent
   sudo egress run --allow api.example.com --dns-pinning --strict -- ./agent
   sudo egress run --dns-upstream 10.0.0.2 --allow '*.internal.example' -- ./agent
+  sudo egress run --allow-inbound 8080 -- python3 -m http.server 8080
 
 What the sandbox may do:
   TCP to an intercepted port (80 and 443 unless --intercept-port is given) goes to the proxy.
@@ -37,6 +38,12 @@ What the sandbox may do:
   goes to egress's DNS listener, which answers only names the sandbox may reach (others get
   NXDOMAIN) by asking --dns-upstream or the host's resolvers. Everything else (other UDP,
   QUIC, DNS over TLS on 853, ICMP) is refused with EPERM and logged.
+
+What the sandbox may listen on:
+  Loopback only. A bind to 0.0.0.0 or :: is rewritten to 127.0.0.1 or ::1 (a dual-stack
+  :: socket then serves IPv6 loopback only); a bind to another address is refused with
+  EPERM and logged. Port 0 binds (clients picking a source address) pass. --allow-inbound
+  PORT lets PORT bind on every address, so clients outside the sandbox can connect.
 
 Host patterns: `example.com` (exactly), `*.example.com` (every subdomain, NOT example.com
 itself), `*` (everything), an IP or CIDR (IP-literal hosts).
@@ -375,6 +382,11 @@ pub struct RunArgs {
     /// [2001:db8::/32]:443 (repeatable).
     #[arg(long = "allow-tcp", value_name = "CIDR:PORT")]
     pub allow_tcp: Vec<TcpAllow>,
+    /// Let the sandbox listen on this port (TCP or UDP) on every address, so clients outside
+    /// it can connect (repeatable; policy key `inbound`). Without it, binds are held to
+    /// loopback: 0.0.0.0 and :: become 127.0.0.1 and ::1, other addresses get EPERM.
+    #[arg(long = "allow-inbound", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub allow_inbound: Vec<u16>,
     /// Give the command a fresh network namespace holding only `lo`; the proxy listens inside
     /// it, so the proxy is the only way out.
     #[arg(long)]
@@ -554,6 +566,7 @@ impl RunArgs {
                 deny: self.deny,
                 passthrough: self.passthrough,
                 tcp: allow_tcp,
+                inbound: self.allow_inbound,
                 private_ok: self.private_ok,
                 warn: self.warn,
                 no_private_guard: self.no_guard.contains(&GuardName::PrivateRanges),
@@ -714,6 +727,27 @@ mod tests {
             .tcp
             .iter()
             .all(|a| a.port == 22 && a.net.prefix == 0));
+    }
+
+    #[test]
+    fn allow_inbound_reaches_the_policy_flags() {
+        let c = run_args(&[
+            "run",
+            "--user",
+            "nobody",
+            "--allow-inbound",
+            "8080",
+            "--allow-inbound",
+            "9000",
+            "--",
+            "true",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(c.flags.inbound, [8080, 9000]);
+        assert!(parse(&["run", "--allow-inbound", "0", "--", "true"]).is_err());
+        let e = parse(&["run", "--help"]).unwrap_err().to_string();
+        assert!(e.contains("--allow-inbound 8080"), "{e}");
     }
 
     #[test]

@@ -952,10 +952,18 @@ impl Daemon {
             match self.compile(&e.saved.decl) {
                 Ok(p) => {
                     let tcp = p.sandbox.tcp.clone();
+                    let inbound = p.sandbox.inbound.clone();
                     e.sandbox.state().policy.store(Arc::new(p));
                     if let Err(err) = e.sandbox.set_allow(&tcp) {
                         report.errors.push(format!(
                             "{}: tcp allowances: {}",
+                            e.saved.decl.name,
+                            crate::error_chain(&err)
+                        ));
+                    }
+                    if let Err(err) = e.sandbox.set_inbound(&inbound) {
+                        report.errors.push(format!(
+                            "{}: inbound ports: {}",
                             e.saved.decl.name,
                             crate::error_chain(&err)
                         ));

@@ -51,6 +51,9 @@ fn describe(kind: u32) -> &'static str {
         Some(EventKind::DenyTcpConnect) => "tcp connect refused",
         Some(EventKind::DenyUdp) => "udp refused",
         Some(EventKind::DenyProtocol) => "socket protocol refused",
+        Some(EventKind::DenyBind) => {
+            "bind to a non-loopback address refused (the sandbox listens on loopback only; see --allow-inbound)"
+        }
         Some(EventKind::DenySocket) => "socket type refused at creation (only TCP and UDP)",
         Some(EventKind::DenyNoSandbox) => "socket outside any sandbox refused",
         Some(EventKind::RecordFailed) => "original destination not recorded; proxy will refuse",

@@ -32,6 +32,8 @@ pub struct PolicyFlags {
     pub deny: Vec<HostPattern>,
     pub passthrough: Vec<HostPattern>,
     pub tcp: Vec<TcpAllow>,
+    /// `--allow-inbound`: ports the sandbox may listen on on every address.
+    pub inbound: Vec<u16>,
     pub private_ok: Vec<IpNet>,
     pub warn: bool,
     pub no_private_guard: bool,
@@ -87,6 +89,7 @@ pub fn compile(
             deny: vec![],
             passthrough: vec![],
             tcp: vec![],
+            inbound: vec![],
             private_ok: vec![],
             rules: vec![],
             secrets: vec![],
@@ -122,6 +125,9 @@ pub fn compile(
     sandbox.merge_flags(&flags.allow, &flags.deny, &flags.passthrough);
     sandbox.tcp.extend(flags.tcp.iter().copied());
     sandbox.private_ok.extend(flags.private_ok.iter().copied());
+    sandbox.inbound.extend(flags.inbound.iter().copied());
+    sandbox.inbound.sort_unstable();
+    sandbox.inbound.dedup();
     if flags.warn {
         sandbox.mode = Mode::Warn;
     }

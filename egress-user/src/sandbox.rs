@@ -93,6 +93,7 @@ impl Sandbox {
             dns6_port: cfg.listeners.addrs.dns6_port,
             intercept_ports: cfg.intercept_ports,
             allow_tcp: cfg.policy.sandbox.tcp.clone(),
+            inbound_ports: cfg.policy.sandbox.inbound.clone(),
             strict: cfg.strict,
         };
         let pool = Pool::new(&shared.upstream_tls, cfg.upstream.clone());
@@ -161,6 +162,14 @@ impl Sandbox {
     pub fn set_allow(&mut self, allow: &[crate::pattern::TcpAllow]) -> Result<(), bpf::Error> {
         match self.registration.as_mut() {
             Some(r) => r.set_allow(allow),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the ports it may bind on every address (a reloaded policy's `inbound`).
+    pub fn set_inbound(&mut self, ports: &[u16]) -> Result<(), bpf::Error> {
+        match self.registration.as_mut() {
+            Some(r) => r.set_inbound(ports),
             None => Ok(()),
         }
     }

@@ -756,6 +756,13 @@ impl Daemon {
             .collect()
     }
 
+    /// The keys of the pinned INBOUND_PORTS map.
+    pub fn inbound_rows(&self) -> Vec<PortKey> {
+        let map =
+            pinned_hash::<PortKey, u32>(&self.pin_root.join(egress_common::maps::INBOUND_PORTS));
+        map.keys().map(|k| k.unwrap()).collect()
+    }
+
     /// The keys of the pinned INTERCEPT_PORTS map.
     pub fn port_rows(&self) -> Vec<PortKey> {
         let map =

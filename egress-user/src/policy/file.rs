@@ -92,6 +92,8 @@ struct RawSandbox {
     #[serde(default)]
     private_ok: Strings,
     #[serde(default)]
+    inbound: Vec<Spanned<u16>>,
+    #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
     #[serde(default)]
     secrets: BTreeMap<Spanned<String>, Spanned<RawSecret>>,
@@ -163,6 +165,7 @@ struct Parts {
     deny: Vec<HostPattern>,
     passthrough: Vec<HostPattern>,
     tcp: Vec<TcpAllow>,
+    inbound: Vec<u16>,
     private_ok: Vec<IpNet>,
     rules: Vec<HostRule>,
     secrets: Vec<SecretSpec>,
@@ -233,6 +236,19 @@ impl Source<'_> {
                 }
                 Ok(a)
             })?,
+            inbound: raw
+                .inbound
+                .iter()
+                .enumerate()
+                .map(|(i, p)| match *p.get_ref() {
+                    0 => Err(self.at(
+                        p,
+                        index(&child(key, "inbound"), i),
+                        "port 0 is not a port; list the ports the sandbox may listen on, e.g. inbound = [8080]",
+                    )),
+                    port => Ok(port),
+                })
+                .collect::<Result<_, _>>()?,
             private_ok: self.list(raw.private_ok, &child(key, "private_ok"), parse_net)?,
             rules: raw
                 .rule
@@ -452,6 +468,12 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
         deny: cat(own.deny, d.map(|d| &d.deny)),
         passthrough: cat(own.passthrough, d.map(|d| &d.passthrough)),
         tcp: cat(own.tcp, d.map(|d| &d.tcp)),
+        inbound: {
+            let mut v = cat(own.inbound, d.map(|d| &d.inbound));
+            v.sort_unstable();
+            v.dedup();
+            v
+        },
         private_ok: cat(own.private_ok, d.map(|d| &d.private_ok)),
         rules,
         secrets,
@@ -580,6 +602,7 @@ pub(super) mod tests {
         assert_eq!(a.passthrough, pats(&["bank.example"]));
         let tcp: Vec<String> = a.tcp.iter().map(ToString::to_string).collect();
         assert_eq!(tcp, ["10.0.0.0/8:5432", "[2001:db8::/32]:22"]);
+        assert_eq!(a.inbound, [8080]);
         assert_eq!(
             a.private_ok,
             [IpNet {
@@ -931,6 +954,26 @@ hosts = ["a.example"]
         let e = load(&missing).expect_err("missing file");
         assert!(matches!(&e, PolicyError::Read { path, .. } if *path == missing));
         assert!(e.to_string().contains("nope.toml"), "{e}");
+    }
+
+    #[test]
+    fn inbound_ports_concatenate_with_defaults_and_refuse_port_0() {
+        assert!(agent("[sandbox.agent]\n").inbound.is_empty());
+        assert_eq!(
+            agent("[defaults]\ninbound = [8080]\n[sandbox.agent]\ninbound = [9000, 8080]\n")
+                .inbound,
+            [8080, 9000]
+        );
+        assert_error(
+            "[sandbox.agent]\ninbound = [8080, 0]\n",
+            "p.toml:2:18: sandbox.agent.inbound[1]: port 0",
+            "",
+        );
+        assert_error(
+            "[sandbox.agent]\ninbound = [70000]\n",
+            "p.toml:2:12: sandbox.agent.inbound",
+            "",
+        );
     }
 
     #[test]

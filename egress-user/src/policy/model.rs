@@ -64,6 +64,9 @@ pub struct SandboxPolicy {
     pub passthrough: Vec<HostPattern>,
     /// Direct (non-proxied) TCP, enforced in the kernel.
     pub tcp: Vec<TcpAllow>,
+    /// Ports the sandbox may bind (listen on) on every address, enforced in the kernel;
+    /// every other bind is held to loopback. Sorted, no duplicates.
+    pub inbound: Vec<u16>,
     /// Destinations exempt from the private-range guard.
     pub private_ok: Vec<IpNet>,
     /// Tried in order; the first whose `host` matches decides.
