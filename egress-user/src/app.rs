@@ -121,6 +121,8 @@ pub struct NodeConfig<'a> {
     pub tls: &'a TlsConfig,
     pub audit: crate::audit::Sink,
     pub audit_query: bool,
+    /// Bytes of audit records queued before new work waits for the writer.
+    pub audit_queue_bytes: u64,
     /// Where the kernel's maps and links are pinned.
     pub pin_root: PathBuf,
 }
@@ -137,7 +139,7 @@ impl Node {
             &cfg.tls.upstream_cas,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         )?;
-        let (audit, audit_writer) = Audit::open(cfg.audit)?;
+        let (audit, audit_writer) = Audit::open_bounded(cfg.audit, cfg.audit_queue_bytes)?;
         let bpf::Loaded {
             kernel,
             records,
@@ -239,6 +241,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         tls: &cfg.tls,
         audit: cfg.audit.clone(),
         audit_query: cfg.audit_query,
+        audit_queue_bytes: cfg.audit_queue_bytes,
         pin_root: pin_dir.clone(),
     })?;
 

@@ -301,6 +301,7 @@ impl Daemon {
             tls: &cfg.tls,
             audit: cfg.audit.clone(),
             audit_query: cfg.audit_query,
+            audit_queue_bytes: cfg.audit_queue_bytes,
             pin_root: pin_root.clone(),
         })?;
         ready.done("1-programs");
