@@ -145,6 +145,7 @@ impl Node {
             records,
             events: ring,
         } = Kernel::load(&cfg.pin_root)?;
+        let kernel = Arc::new(kernel);
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             audit,
@@ -155,13 +156,15 @@ impl Node {
             metrics: Default::default(),
         });
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let k = kernel.clone();
+        let lost = move || k.counter(egress_common::Counter::EventsLost);
         let task = tokio::spawn(log_exit(
             "kernel events",
-            events::run(ring, shared.clone(), stop_rx),
+            events::run(ring, shared.clone(), lost, stop_rx),
         ));
         Ok(Node {
             shared,
-            kernel: Arc::new(kernel),
+            kernel,
             audit_writer: std::sync::Mutex::new(Some(audit_writer)),
             events: std::sync::Mutex::new(Some((stop, task))),
         })
@@ -395,6 +398,11 @@ impl Bound {
             k(egress_common::Counter::StrictDropped),
         );
         node.shutdown().await;
+        let events_lost = node
+            .shared
+            .metrics
+            .kernel_events_lost
+            .load(std::sync::atomic::Ordering::Relaxed);
         drop(netns);
         bpf::remove_pin_dir(&pin_dir);
         if let Some(parent) = pin_dir.parent() {
@@ -406,7 +414,9 @@ impl Bound {
             redirected,
             record_failed,
             denied,
+            events_lost,
             strict_dropped,
+            audit_queue_waits = node.shared.audit.queue_waits(),
             dns_queries = c.dns.total(),
             dns_refused = c.dns.get(Decision::Deny),
             dns_tunnel_suspects = get(&c.dns_tunnel_suspects),

@@ -153,6 +153,7 @@ pub enum Record {
     Connection(ConnectionRecord),
     KernelDeny(KernelRecord),
     Dns(DnsRecord),
+    EventsLost(LostRecord),
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -206,6 +207,18 @@ pub struct KernelRecord {
     pub protocol: String,
     pub dst: String,
     pub decision: Decision,
+    pub reason: &'static str,
+}
+
+/// Kernel refusals that never reached user space: the ring buffer was full when the kernel
+/// tried to report them, so only their number is known (not who, not where).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LostRecord {
+    pub ts: String,
+    /// Lost since the previous `events_lost` record.
+    pub count: u64,
+    /// Lost since this egress process started reading.
+    pub total: u64,
     pub reason: &'static str,
 }
 
