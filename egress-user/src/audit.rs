@@ -857,6 +857,90 @@ mod tests {
         }
     }
 
+    /// A record type added later: its line is fixed from the start.
+    #[test]
+    fn events_lost_serialises_as_documented() {
+        let r = Record::EventsLost(LostRecord {
+            ts: "2026-01-02T03:04:05.678Z".into(),
+            count: 7,
+            total: 12,
+            reason: "kernel ring buffer full",
+        });
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"event":"events_lost","ts":"2026-01-02T03:04:05.678Z","count":7,"total":12,"reason":"kernel ring buffer full"}"#
+        );
+    }
+
+    /// A writer stuck on a FIFO nobody reads: the queue stops at its bound (work waits),
+    /// and once the FIFO is read every record comes out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_makes_work_wait_and_loses_nothing() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let (_d, p) = tmp("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // The read end, open (so the writer's open does not block) but not read yet.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .unwrap();
+        const BOUND: u64 = 64 * 1024;
+        let (audit, w) = Audit::open_bounded(
+            Sink::File {
+                path: p.clone(),
+                max_bytes: u64::MAX,
+                keep: 1,
+            },
+            BOUND,
+        )
+        .unwrap();
+        let one = serde_json::to_vec(&req(0)).unwrap().len() as u64 + 1;
+        let mut queued = 0u64;
+        let stalled = loop {
+            let ok = tokio::time::timeout(Duration::from_millis(300), audit.wait_for_space())
+                .await
+                .is_ok();
+            if !ok {
+                break true;
+            }
+            audit.record(&req(queued));
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        };
+        assert!(stalled);
+        // The pipe holds 64 KiB, the queue its bound plus one record.
+        let held = audit.queued_bytes();
+        assert!(held <= BOUND + one, "queued {held} bytes over a {BOUND} bound");
+        assert!(audit.queue_waits() >= 1);
+        // Read everything; waiters get room again, and every record arrives.
+        let reading = std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut all = Vec::new();
+            let mut buf = [0u8; 65536];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break all,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("reading the FIFO: {e}"),
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), audit.wait_for_space())
+            .await
+            .expect("room once the FIFO is read");
+        audit.record(&req(queued));
+        queued += 1;
+        let a = audit.clone();
+        tokio::task::spawn_blocking(move || a.close(w)).await.unwrap();
+        let all = reading.join().unwrap();
+        let lines = all.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+        assert_eq!(lines as u64, queued, "every record was written");
+    }
+
     #[test]
     fn decisions_and_tls_modes_are_spelled_alike_by_as_str_and_serde() {
         assert_spelled_alike(&Decision::ALL, Decision::as_str);
