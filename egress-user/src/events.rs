@@ -84,16 +84,27 @@ impl<F: Fn() -> u64> LostEvents<F> {
         }
     }
 
-    /// Writes an `events_lost` record if the counter grew since the last call.
-    pub fn check(&mut self, shared: &Shared) {
+    /// How many were lost since the last call, and since the start; `None` if none.
+    fn poll(&mut self) -> Option<(u64, u64)> {
         let now = (self.read)();
         let count = now.saturating_sub(self.last);
         self.last = now;
         if count == 0 {
-            return;
+            return None;
         }
         self.total += count;
-        shared.metrics.kernel_events_lost.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        Some((count, self.total))
+    }
+
+    /// Writes an `events_lost` record if the counter grew since the last call.
+    pub fn check(&mut self, shared: &Shared) {
+        let Some((count, _)) = self.poll() else {
+            return;
+        };
+        shared
+            .metrics
+            .kernel_events_lost
+            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
         tracing::error!(
             target: "egress::kernel",
             count,
@@ -204,10 +215,12 @@ mod tests {
     fn lost_events_count_from_the_baseline() {
         let c = std::cell::Cell::new(5u64);
         let mut l = LostEvents::new(|| c.get());
-        assert_eq!((l.last, l.total), (5, 0), "earlier losses are not ours");
+        assert_eq!(l.poll(), None, "earlier losses are not ours");
         c.set(9);
-        let now = (l.read)();
-        assert_eq!(now - l.last, 4);
+        assert_eq!(l.poll(), Some((4, 4)));
+        assert_eq!(l.poll(), None, "each loss is reported once");
+        c.set(12);
+        assert_eq!(l.poll(), Some((3, 7)));
     }
 
     #[test]
