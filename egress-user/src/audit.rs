@@ -911,7 +911,10 @@ mod tests {
         assert!(stalled);
         // The pipe holds 64 KiB, the queue its bound plus one record.
         let held = audit.queued_bytes();
-        assert!(held <= BOUND + one, "queued {held} bytes over a {BOUND} bound");
+        assert!(
+            held <= BOUND + one,
+            "queued {held} bytes over a {BOUND} bound"
+        );
         assert!(audit.queue_waits() >= 1);
         // Read everything; waiters get room again, and every record arrives.
         let reading = std::thread::spawn(move || {
@@ -935,7 +938,9 @@ mod tests {
         audit.record(&req(queued));
         queued += 1;
         let a = audit.clone();
-        tokio::task::spawn_blocking(move || a.close(w)).await.unwrap();
+        tokio::task::spawn_blocking(move || a.close(w))
+            .await
+            .unwrap();
         let all = reading.join().unwrap();
         let lines = all.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
         assert_eq!(lines as u64, queued, "every record was written");
@@ -954,7 +959,15 @@ mod tests {
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("4096"), Ok(4096));
-        for bad in ["", "0", "MiB", "64 MB", "-1", "2TiB", "99999999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "MiB",
+            "64 MB",
+            "-1",
+            "2TiB",
+            "99999999999999999999",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
     }

@@ -205,7 +205,8 @@ pub async fn serve(
 /// Why a connection was refused before any sandbox could serve it.
 pub const REASON_NO_RECORD: &str =
     "no original destination recorded for this connection (a direct connect to the listener, or a record the kernel failed to write)";
-pub const REASON_UNKNOWN_SANDBOX: &str = "the kernel's record names a sandbox that is not registered";
+pub const REASON_UNKNOWN_SANDBOX: &str =
+    "the kernel's record names a sandbox that is not registered";
 /// A client that connected and closed (or reset) without sending anything.
 pub const REASON_CLOSED_EARLY: &str = "closed by the client before its first byte";
 

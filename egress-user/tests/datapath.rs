@@ -231,7 +231,10 @@ fn requests(audit: &[Value]) -> Vec<&Value> {
 }
 
 fn connections(audit: &[Value]) -> Vec<&Value> {
-    audit.iter().filter(|r| r["event"] == "connection").collect()
+    audit
+        .iter()
+        .filter(|r| r["event"] == "connection")
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,7 +444,12 @@ async fn a_connection_without_a_kernel_record_is_closed_unserved() {
     // Nothing else is known about it.
     assert_eq!(
         (&c["sandbox"], &c["pid"], &c["comm"], &c["orig_dst"]),
-        (&Value::from(""), &Value::from(0), &Value::from(""), &Value::from("")),
+        (
+            &Value::from(""),
+            &Value::from(0),
+            &Value::from(""),
+            &Value::from("")
+        ),
         "{c}"
     );
 }
@@ -477,7 +485,10 @@ async fn a_record_naming_an_unregistered_sandbox_is_refused() {
     let c = conns[0];
     assert_eq!(c["decision"], "deny");
     assert_eq!(c["sandbox"], "agent-b", "named by the id in the record");
-    assert_eq!((&c["pid"], &c["comm"]), (&Value::from(4242), &Value::from("agent-tool")));
+    assert_eq!(
+        (&c["pid"], &c["comm"]),
+        (&Value::from(4242), &Value::from("agent-tool"))
+    );
     assert_eq!(c["orig_dst"], h_origin.to_string());
     assert!(
         c["reason"].as_str().unwrap().contains("not registered"),
@@ -494,6 +505,9 @@ async fn a_connection_closed_before_its_first_byte_is_audited() {
     // And one reset rather than closed (SO_LINGER 0).
     let tcp = h.connect(Some(7)).await;
     let reset_client = tcp.local_addr().unwrap().to_string();
+    // A zero linger resets at once on drop; it never blocks, which is what the
+    // deprecation warns about.
+    #[allow(deprecated)]
     tcp.set_linger(Some(Duration::ZERO)).unwrap();
     drop(tcp);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -506,7 +520,10 @@ async fn a_connection_closed_before_its_first_byte_is_audited() {
     let audit = h.finish().await;
     let conns = connections(&audit);
     assert_eq!(conns.len(), 2, "{audit:#?}");
-    let mut clients: Vec<&str> = conns.iter().map(|c| c["client"].as_str().unwrap()).collect();
+    let mut clients: Vec<&str> = conns
+        .iter()
+        .map(|c| c["client"].as_str().unwrap())
+        .collect();
     clients.sort();
     let mut want = vec![client.as_str(), reset_client.as_str()];
     want.sort();

@@ -685,7 +685,10 @@ no_guard = ["doh"]
 
     #[test]
     fn the_audit_queue_takes_a_size_or_bytes() {
-        assert_eq!(parse_ok("").audit_queue_bytes, crate::audit::DEFAULT_QUEUE_BYTES);
+        assert_eq!(
+            parse_ok("").audit_queue_bytes,
+            crate::audit::DEFAULT_QUEUE_BYTES
+        );
         let c = parse_ok("[daemon]\naudit_queue = \"8MiB\"\n");
         assert_eq!(c.audit_queue_bytes, 8 << 20);
         let c = parse_ok("[daemon]\naudit_queue = 65536\n");

@@ -258,8 +258,12 @@ fn flood(addr: SocketAddr, n: u64, threads: u64) -> serde_json::Value {
                 per
             };
             std::thread::spawn(move || {
-                let s = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-                    .unwrap();
+                let s = UdpSocket::bind(if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                })
+                .unwrap();
                 let (mut sent, mut eperm, mut other) = (0u64, 0u64, 0u64);
                 for _ in 0..count {
                     match s.send_to(b"x", addr) {
