@@ -81,12 +81,16 @@ impl Readiness {
 pub struct DataMetrics {
     /// Seconds from a request's head to the end of its response body.
     pub request_duration: Histogram,
+    /// Kernel refusals the ring buffer had no room for, as audited by this process
+    /// (`events_lost` records).
+    pub kernel_events_lost: std::sync::atomic::AtomicU64,
 }
 
 impl Default for DataMetrics {
     fn default() -> Self {
         DataMetrics {
             request_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            kernel_events_lost: Default::default(),
         }
     }
 }

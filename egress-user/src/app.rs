@@ -121,6 +121,8 @@ pub struct NodeConfig<'a> {
     pub tls: &'a TlsConfig,
     pub audit: crate::audit::Sink,
     pub audit_query: bool,
+    /// Bytes of audit records queued before new work waits for the writer.
+    pub audit_queue_bytes: u64,
     /// Where the kernel's maps and links are pinned.
     pub pin_root: PathBuf,
 }
@@ -137,12 +139,13 @@ impl Node {
             &cfg.tls.upstream_cas,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         )?;
-        let (audit, audit_writer) = Audit::open(cfg.audit)?;
+        let (audit, audit_writer) = Audit::open_bounded(cfg.audit, cfg.audit_queue_bytes)?;
         let bpf::Loaded {
             kernel,
             records,
             events: ring,
         } = Kernel::load(&cfg.pin_root)?;
+        let kernel = Arc::new(kernel);
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             audit,
@@ -153,13 +156,15 @@ impl Node {
             metrics: Default::default(),
         });
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let k = kernel.clone();
+        let lost = move || k.counter(egress_common::Counter::EventsLost);
         let task = tokio::spawn(log_exit(
             "kernel events",
-            events::run(ring, shared.clone(), stop_rx),
+            events::run(ring, shared.clone(), lost, stop_rx),
         ));
         Ok(Node {
             shared,
-            kernel: Arc::new(kernel),
+            kernel,
             audit_writer: std::sync::Mutex::new(Some(audit_writer)),
             events: std::sync::Mutex::new(Some((stop, task))),
         })
@@ -240,6 +245,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         tls: &cfg.tls,
         audit: cfg.audit.clone(),
         audit_query: cfg.audit_query,
+        audit_queue_bytes: cfg.audit_queue_bytes,
         pin_root: pin_dir.clone(),
     })?;
 
@@ -400,6 +406,11 @@ impl Bound {
             k(egress_common::Counter::StrictDropped),
         );
         node.shutdown().await;
+        let events_lost = node
+            .shared
+            .metrics
+            .kernel_events_lost
+            .load(std::sync::atomic::Ordering::Relaxed);
         drop(netns);
         bpf::remove_pin_dir(&pin_dir);
         if let Some(parent) = pin_dir.parent() {
@@ -411,7 +422,9 @@ impl Bound {
             redirected,
             record_failed,
             denied,
+            events_lost,
             strict_dropped,
+            audit_queue_waits = node.shared.audit.queue_waits(),
             dns_queries = c.dns.total(),
             dns_refused = c.dns.get(Decision::Deny),
             dns_tunnel_suspects = get(&c.dns_tunnel_suspects),

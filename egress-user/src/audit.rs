@@ -2,8 +2,13 @@
 //! connection, and every refusal the kernel reports.
 //!
 //! Guarantee: a record handed to [`Audit::record`] is never dropped silently. Records queue
-//! in memory (unbounded, so the data path never blocks on the disk) and a dedicated thread
-//! writes them in order, flushing whenever the queue runs dry. Shutdown ([`Audit::close`])
+//! in memory and a dedicated thread writes them in order, flushing whenever the queue runs
+//! dry. The queue is bounded in bytes of serialised records: once it holds the bound, new
+//! work (a request, a passthrough connection, a DNS query, a batch of kernel events) waits
+//! in [`Audit::wait_for_space`] until the writer catches up, so a slow disk slows the
+//! sandboxes down instead of growing memory or losing records. Work admitted before the
+//! queue filled still writes its record, so the queue can exceed the bound by the records
+//! of what was in flight; it never grows with what arrives after. Shutdown ([`Audit::close`])
 //! drains the queue and fsyncs before egress exits. If a write fails (disk full, file
 //! removed), the record is counted in [`Audit::dropped`] and an error is logged with the
 //! running total; nothing else ever discards a record. The file rotates by size:
@@ -37,6 +42,8 @@ pub enum Sink {
 
 pub const DEFAULT_MAX_BYTES: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP: usize = 5;
+/// Bytes of serialised records the queue holds before new work waits for the writer.
+pub const DEFAULT_QUEUE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What was decided about a request, connection, query or kernel event. Serialised
 /// lowercase; the audit log, metrics labels and the API all spell it the same way.
@@ -146,6 +153,7 @@ pub enum Record {
     Connection(ConnectionRecord),
     KernelDeny(KernelRecord),
     Dns(DnsRecord),
+    EventsLost(LostRecord),
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -202,6 +210,18 @@ pub struct KernelRecord {
     pub reason: &'static str,
 }
 
+/// Kernel refusals that never reached user space: the ring buffer was full when the kernel
+/// tried to report them, so only their number is known (not who, not where).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LostRecord {
+    pub ts: String,
+    /// Lost since the previous `events_lost` record.
+    pub count: u64,
+    /// Lost since this egress process started reading.
+    pub total: u64,
+    pub reason: &'static str,
+}
+
 /// One DNS query a sandbox sent, and what egress did with it.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DnsRecord {
@@ -229,6 +249,28 @@ pub struct DnsRecord {
     pub error: Option<String>,
 }
 
+/// A size such as `64MiB`, `512KiB`, `1GiB`, `100M` (binary multiples either way) or a bare
+/// number of bytes. At least 1 byte; at most 1 TiB.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a size such as 64MiB, 512KiB or 1048576");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(bad)?;
+    if bytes == 0 || bytes > 1 << 40 {
+        return Err(format!("{s:?}: must be between 1 byte and 1TiB"));
+    }
+    Ok(bytes)
+}
+
 /// Current time as RFC 3339 with milliseconds, UTC.
 pub fn now() -> String {
     let t = time::OffsetDateTime::now_utc();
@@ -252,6 +294,33 @@ pub struct Audit {
     tx: mpsc::Sender<Vec<u8>>,
     dropped: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    queue: Arc<Queue>,
+}
+
+/// The bytes between [`Audit::record`] and the writer's last completed write.
+struct Queue {
+    /// Serialised bytes queued or being written.
+    used: AtomicU64,
+    bound: u64,
+    /// Woken whenever the writer finishes a write (or stops).
+    space: tokio::sync::Notify,
+    /// Set once the writer has stopped: nobody waits for it any more.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Times work had to wait for space.
+    waits: AtomicU64,
+}
+
+impl Queue {
+    fn has_room(&self) -> bool {
+        self.used.load(Ordering::Acquire) < self.bound || self.stopped.load(Ordering::Acquire)
+    }
+
+    fn release(&self, bytes: u64) {
+        if bytes > 0 {
+            self.used.fetch_sub(bytes, Ordering::AcqRel);
+            self.space.notify_waiters();
+        }
+    }
 }
 
 /// Owns the writer thread; [`Audit::close`] needs it back to drain.
@@ -268,33 +337,54 @@ pub struct OpenError {
 }
 
 impl Audit {
+    /// Opens the sink with the default queue bound ([`DEFAULT_QUEUE_BYTES`]).
     pub fn open(sink: Sink) -> Result<(Audit, AuditWriter), OpenError> {
+        Self::open_bounded(sink, DEFAULT_QUEUE_BYTES)
+    }
+
+    /// Opens the sink; new work waits once `queue_bytes` of records are queued.
+    pub fn open_bounded(sink: Sink, queue_bytes: u64) -> Result<(Audit, AuditWriter), OpenError> {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let dropped = Arc::new(AtomicU64::new(0));
         let written = Arc::new(AtomicU64::new(0));
+        let queue = Arc::new(Queue {
+            used: AtomicU64::new(0),
+            bound: queue_bytes.max(1),
+            space: tokio::sync::Notify::new(),
+            stopped: Default::default(),
+            waits: AtomicU64::new(0),
+        });
         let mut out = Output::open(&sink)?;
-        let (d, w) = (dropped.clone(), written.clone());
+        let (d, w, q) = (dropped.clone(), written.clone(), queue.clone());
         let thread = std::thread::Builder::new()
             .name("egress-audit".into())
             .spawn(move || {
                 // Block for the first record, then take whatever else is queued before
                 // flushing: one write syscall per burst, not per line. An empty line (no
                 // record is ever empty: each ends in a newline) is `close` asking to stop.
+                // The queue's bytes are released only once written (or counted as lost),
+                // so the bound covers the batch being written too.
                 'run: while let Ok(line) = rx.recv() {
                     if line.is_empty() {
                         break;
                     }
+                    let mut taken = line.len() as u64;
                     out.write(&line, &d, &w);
                     while let Ok(line) = rx.try_recv() {
                         if line.is_empty() {
                             out.flush(&d, &w);
+                            q.release(taken);
                             break 'run;
                         }
+                        taken += line.len() as u64;
                         out.write(&line, &d, &w);
                     }
                     out.flush(&d, &w);
+                    q.release(taken);
                 }
                 out.sync(&d, &w);
+                q.stopped.store(true, Ordering::Release);
+                q.space.notify_waiters();
             })
             .map_err(|source| OpenError {
                 path: sink_path(&sink),
@@ -305,12 +395,14 @@ impl Audit {
                 tx,
                 dropped,
                 written,
+                queue,
             },
             AuditWriter { thread },
         ))
     }
 
-    /// Queues one record. Never blocks.
+    /// Queues one record. Never blocks: work that produces records waits for room first,
+    /// with [`Audit::wait_for_space`].
     pub fn record(&self, r: &Record) {
         let mut line = match serde_json::to_vec(r) {
             Ok(l) => l,
@@ -320,9 +412,49 @@ impl Audit {
             }
         };
         line.push(b'\n');
+        let n = line.len() as u64;
+        self.queue.used.fetch_add(n, Ordering::AcqRel);
         if self.tx.send(line).is_err() {
+            self.queue.release(n);
             self.count_dropped("the writer has stopped");
         }
+    }
+
+    /// Returns at once while the queue is below its bound; otherwise waits until the writer
+    /// has written enough. Call it before starting work that will write a record.
+    pub async fn wait_for_space(&self) {
+        let q = &self.queue;
+        if q.has_room() {
+            return;
+        }
+        let n = q.waits.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                waits_total = n,
+                queued_bytes = q.used.load(Ordering::Relaxed),
+                bound = q.bound,
+                "the audit queue is full; new work waits for the audit writer"
+            );
+        }
+        loop {
+            let notified = q.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if q.has_room() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Bytes of records queued and not yet written.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queue.used.load(Ordering::Relaxed)
+    }
+
+    /// Times work waited for room in the queue.
+    pub fn queue_waits(&self) -> u64 {
+        self.queue.waits.load(Ordering::Relaxed)
     }
 
     fn count_dropped(&self, why: &str) {
@@ -518,6 +650,7 @@ pub(crate) fn assert_spelled_alike<T: Serialize + Copy + std::fmt::Debug>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn req(i: u64) -> Record {
         Record::Request(RequestRecord {
@@ -724,10 +857,119 @@ mod tests {
         }
     }
 
+    /// A record type added later: its line is fixed from the start.
+    #[test]
+    fn events_lost_serialises_as_documented() {
+        let r = Record::EventsLost(LostRecord {
+            ts: "2026-01-02T03:04:05.678Z".into(),
+            count: 7,
+            total: 12,
+            reason: "kernel ring buffer full",
+        });
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"event":"events_lost","ts":"2026-01-02T03:04:05.678Z","count":7,"total":12,"reason":"kernel ring buffer full"}"#
+        );
+    }
+
+    /// A writer stuck on a FIFO nobody reads: the queue stops at its bound (work waits),
+    /// and once the FIFO is read every record comes out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_makes_work_wait_and_loses_nothing() {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let (_d, p) = tmp("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // The read end, open (so the writer's open does not block) but not read yet.
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .unwrap();
+        const BOUND: u64 = 64 * 1024;
+        let (audit, w) = Audit::open_bounded(
+            Sink::File {
+                path: p.clone(),
+                max_bytes: u64::MAX,
+                keep: 1,
+            },
+            BOUND,
+        )
+        .unwrap();
+        let one = serde_json::to_vec(&req(0)).unwrap().len() as u64 + 1;
+        let mut queued = 0u64;
+        let stalled = loop {
+            let ok = tokio::time::timeout(Duration::from_millis(300), audit.wait_for_space())
+                .await
+                .is_ok();
+            if !ok {
+                break true;
+            }
+            audit.record(&req(queued));
+            queued += 1;
+            assert!(queued < 100_000, "the queue never filled");
+        };
+        assert!(stalled);
+        // The pipe holds 64 KiB, the queue its bound plus one record.
+        let held = audit.queued_bytes();
+        assert!(
+            held <= BOUND + one,
+            "queued {held} bytes over a {BOUND} bound"
+        );
+        assert!(audit.queue_waits() >= 1);
+        // Read everything; waiters get room again, and every record arrives.
+        let reading = std::thread::spawn(move || {
+            use std::io::Read as _;
+            let mut all = Vec::new();
+            let mut buf = [0u8; 65536];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break all,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("reading the FIFO: {e}"),
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), audit.wait_for_space())
+            .await
+            .expect("room once the FIFO is read");
+        audit.record(&req(queued));
+        queued += 1;
+        let a = audit.clone();
+        tokio::task::spawn_blocking(move || a.close(w))
+            .await
+            .unwrap();
+        let all = reading.join().unwrap();
+        let lines = all.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count();
+        assert_eq!(lines as u64, queued, "every record was written");
+    }
+
     #[test]
     fn decisions_and_tls_modes_are_spelled_alike_by_as_str_and_serde() {
         assert_spelled_alike(&Decision::ALL, Decision::as_str);
         assert_spelled_alike(&TlsMode::ALL, TlsMode::as_str);
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in [
+            "",
+            "0",
+            "MiB",
+            "64 MB",
+            "-1",
+            "2TiB",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -456,6 +456,10 @@ pub struct AuditArgs {
     /// Keep query strings in audit records (redacted by default: they often carry tokens).
     #[arg(long)]
     pub audit_query: bool,
+    /// Audit records held in memory (bytes of JSON, e.g. 64MiB) before new requests wait
+    /// for the audit writer to catch up.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = crate::audit::parse_size)]
+    pub audit_queue: u64,
 }
 
 impl AuditArgs {
@@ -502,6 +506,7 @@ pub struct RunConfig {
     pub tls: TlsConfig,
     pub audit: crate::audit::Sink,
     pub audit_query: bool,
+    pub audit_queue_bytes: u64,
     pub intercept_ports: Vec<u16>,
     pub isolate_net: bool,
     /// Empty: the nameservers of /etc/resolv.conf.
@@ -576,6 +581,7 @@ impl RunArgs {
             },
             audit: self.audit.sink(&self.tls.confdir),
             audit_query: self.audit.audit_query,
+            audit_queue_bytes: self.audit.audit_queue,
             tls: self.tls.validate(),
             intercept_ports,
             isolate_net: self.isolate_net,

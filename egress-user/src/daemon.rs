@@ -301,6 +301,7 @@ impl Daemon {
             tls: &cfg.tls,
             audit: cfg.audit.clone(),
             audit_query: cfg.audit_query,
+            audit_queue_bytes: cfg.audit_queue_bytes,
             pin_root: pin_root.clone(),
         })?;
         ready.done("1-programs");
@@ -1315,8 +1316,14 @@ pub async fn run(cfg: DaemonConfig, detach_on_exit: bool) -> Result<u8, Error> {
         let _ = t.await;
     }
     let dropped = daemon.shutdown(detach_on_exit).await;
+    let shared = &daemon.inner.node.shared;
     info!(
         audit_dropped = dropped,
+        events_lost = shared
+            .metrics
+            .kernel_events_lost
+            .load(std::sync::atomic::Ordering::Relaxed),
+        audit_queue_waits = shared.audit.queue_waits(),
         detached = detach_on_exit,
         "daemon stopped"
     );

@@ -282,6 +282,7 @@ async fn serve_tcp_conn(mut stream: TcpStream, asker: Asker, shared: &Shared) {
 
 /// The reply to one query (None: send nothing), with its audit record written.
 async fn answer(shared: &Shared, who: &Asker, raw: &[u8]) -> Option<Vec<u8>> {
+    shared.audit.wait_for_space().await;
     let start = Instant::now();
     let sb = &who.sandbox;
     let finish = |mut rec: DnsRecord| {

@@ -1,7 +1,9 @@
 //! Refusals reported by the kernel programs through the ring buffer, turned into audit
-//! records, counters and log lines.
+//! records, counters and log lines; and the refusals the ring buffer had no room for (the
+//! kernel's `EventsLost` counter), turned into `events_lost` records, so a burst that
+//! overflows the ring is never lost silently.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use egress_common::{Event, EventKind};
@@ -9,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     addr,
-    audit::{Decision, KernelRecord, Record, Who},
+    audit::{Decision, KernelRecord, LostRecord, Record, Who},
     state::Shared,
 };
 
@@ -61,11 +63,75 @@ fn describe(kind: u32) -> &'static str {
     }
 }
 
+/// How often the kernel's count of lost events is read.
+pub const LOST_POLL: Duration = Duration::from_secs(1);
+
+/// Counts refusals the kernel could not report: reads the (cumulative) kernel counter and
+/// says how many are new since the last look.
+pub struct LostEvents<F> {
+    read: F,
+    last: u64,
+    /// New since the reader started.
+    total: u64,
+}
+
+impl<F: Fn() -> u64> LostEvents<F> {
+    /// The counter's value now is the baseline: a pinned counter (the daemon's) carries
+    /// what earlier processes already reported.
+    pub fn new(read: F) -> Self {
+        let last = read();
+        LostEvents {
+            read,
+            last,
+            total: 0,
+        }
+    }
+
+    /// How many were lost since the last call, and since the start; `None` if none.
+    fn poll(&mut self) -> Option<(u64, u64)> {
+        let now = (self.read)();
+        let count = now.saturating_sub(self.last);
+        self.last = now;
+        if count == 0 {
+            return None;
+        }
+        self.total += count;
+        Some((count, self.total))
+    }
+
+    /// Writes an `events_lost` record if the counter grew since the last call.
+    pub fn check(&mut self, shared: &Shared) {
+        let Some((count, _)) = self.poll() else {
+            return;
+        };
+        shared
+            .metrics
+            .kernel_events_lost
+            .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(
+            target: "egress::kernel",
+            count,
+            total = self.total,
+            "kernel refusals lost: the ring buffer was full"
+        );
+        shared.audit.record(&Record::EventsLost(LostRecord {
+            ts: crate::audit::now(),
+            count,
+            total: self.total,
+            reason: "kernel ring buffer full",
+        }));
+    }
+}
+
 /// Logs and audits every kernel event until `stop` fires; then drains what is already in
-/// the ring buffer, so that no refusal reported before shutdown is lost.
+/// the ring buffer, so that no refusal reported before shutdown is lost. Every
+/// [`LOST_POLL`], and once more at the end, `lost` is read and any growth audited.
+/// Before each batch the reader waits for room in the audit queue: while it waits the
+/// ring fills and further refusals are counted as lost, never dropped unseen.
 pub async fn run(
     ring: RingBuf<MapData>,
     shared: Arc<Shared>,
+    lost: impl Fn() -> u64 + Send,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
@@ -73,18 +139,27 @@ pub async fn run(
     #[allow(unsafe_code)]
     let mut fd =
         unsafe { AsyncFd::register(ring) }.map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut lost = LostEvents::new(lost);
+    let mut tick = tokio::time::interval(LOST_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stopping = tokio::select! {
             r = fd.readable_mut() => {
+                shared.audit.wait_for_space().await;
                 let mut guard = r?;
                 drain(guard.get_inner_mut(), &shared);
                 guard.clear_ready();
+                false
+            }
+            _ = tick.tick() => {
+                lost.check(&shared);
                 false
             }
             _ = &mut stop => true,
         };
         if stopping {
             drain(fd.get_mut(), &shared);
+            lost.check(&shared);
             return Ok(());
         }
     }
@@ -138,6 +213,18 @@ fn drain(ring: &mut RingBuf<MapData>, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lost_events_count_from_the_baseline() {
+        let c = std::cell::Cell::new(5u64);
+        let mut l = LostEvents::new(|| c.get());
+        assert_eq!(l.poll(), None, "earlier losses are not ours");
+        c.set(9);
+        assert_eq!(l.poll(), Some((4, 4)));
+        assert_eq!(l.poll(), None, "each loss is reported once");
+        c.set(12);
+        assert_eq!(l.poll(), Some((3, 7)));
+    }
 
     #[test]
     fn decodes_what_the_kernel_writes() {

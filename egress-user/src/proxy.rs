@@ -26,7 +26,7 @@ use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
 };
-use tracing::{info_span, warn, Instrument as _};
+use tracing::{debug, info_span, warn, Instrument as _};
 
 use crate::{
     addr::{self, ClientAddr, ListenAddr, OrigDst},
@@ -158,6 +158,14 @@ pub async fn serve(
             stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "connection refused: no original destination recorded for it");
             drop(stream);
+            // Nothing is known but the client: no sandbox, process or destination.
+            audit_refused(
+                &shared,
+                Who::now(String::new(), 0, String::new()),
+                client,
+                None,
+                REASON_NO_RECORD,
+            );
             continue;
         };
         let meta = ConnMeta::new(&rec, client);
@@ -165,6 +173,18 @@ pub async fn serve(
             stats.unknown_sandbox.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, sandbox = meta.sandbox, "connection refused: its sandbox is not registered");
             drop(stream);
+            let who = Who::now(
+                shared.registry.name(meta.sandbox),
+                meta.pid,
+                meta.comm.clone(),
+            );
+            audit_refused(
+                &shared,
+                who,
+                client,
+                Some(meta.orig_dst),
+                REASON_UNKNOWN_SANDBOX,
+            );
             continue;
         };
         let span = info_span!(
@@ -182,14 +202,54 @@ pub async fn serve(
     }
 }
 
+/// Why a connection was refused before any sandbox could serve it.
+pub const REASON_NO_RECORD: &str =
+    "no original destination recorded for this connection (a direct connect to the listener, or a record the kernel failed to write)";
+pub const REASON_UNKNOWN_SANDBOX: &str =
+    "the kernel's record names a sandbox that is not registered";
+/// A client that connected and closed (or reset) without sending anything.
+pub const REASON_CLOSED_EARLY: &str = "closed by the client before its first byte";
+
+/// The audit record of a connection refused at accept, before it had a sandbox to count
+/// it. Unknown fields stay empty (and pid 0), as in a DNS query without a kernel record.
+fn audit_refused(
+    shared: &Shared,
+    who: Who,
+    client: ClientAddr,
+    orig_dst: Option<OrigDst>,
+    reason: &str,
+) {
+    shared.audit.record(&Record::Connection(ConnectionRecord {
+        who,
+        client: client.to_string(),
+        orig_dst: orig_dst.map(|d| d.to_string()).unwrap_or_default(),
+        decision: Decision::Deny,
+        reason: Some(reason.into()),
+        ..Default::default()
+    }));
+}
+
 async fn handle(mut stream: TcpStream, conn: Conn) {
+    conn.shared.audit.wait_for_space().await;
     let _ = stream.set_nodelay(true);
+    let start = std::time::Instant::now();
     let mut buf = BytesMut::with_capacity(2048);
     let kind = loop {
         let read = tokio::time::timeout(SNIFF_TIMEOUT, stream.read_buf(&mut buf)).await;
         match read {
             Err(_) => break Err("no TLS ClientHello or HTTP request within the sniff timeout"),
-            Ok(Err(_)) | Ok(Ok(0)) if buf.is_empty() => return,
+            Ok(r @ (Err(_) | Ok(0))) if buf.is_empty() => {
+                // Not a refusal: nothing was asked. Recorded all the same, so that every
+                // accepted connection leaves a line.
+                debug!(error = ?r.err(), "{REASON_CLOSED_EARLY}");
+                conn.audit_connection(ConnectionRecord {
+                    decision: Decision::Error,
+                    reason: Some(REASON_CLOSED_EARLY.into()),
+                    duration_ms: start.elapsed().as_millis() as u64,
+                    ..Default::default()
+                });
+                return;
+            }
             Ok(Err(_)) | Ok(Ok(0)) => {
                 break Err("connection closed before a complete ClientHello or request line")
             }

@@ -230,6 +230,13 @@ fn requests(audit: &[Value]) -> Vec<&Value> {
     audit.iter().filter(|r| r["event"] == "request").collect()
 }
 
+fn connections(audit: &[Value]) -> Vec<&Value> {
+    audit
+        .iter()
+        .filter(|r| r["event"] == "connection")
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_connection_is_judged_and_audited_by_its_own_sandbox() {
     let h = Harness::start().await;
@@ -420,7 +427,31 @@ async fn a_connection_without_a_kernel_record_is_closed_unserved() {
     );
     assert_eq!(h.records.pending_conns(), 0);
     assert!(h.origin.requests().is_empty());
-    h.finish().await;
+    let client = tcp.local_addr().unwrap().to_string();
+    let audit = h.finish().await;
+    let conns = connections(&audit);
+    assert_eq!(conns.len(), 1, "one connection record: {audit:#?}");
+    let c = conns[0];
+    assert_eq!(c["decision"], "deny");
+    assert_eq!(c["client"], client.as_str());
+    assert!(
+        c["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no original destination recorded"),
+        "{c}"
+    );
+    // Nothing else is known about it.
+    assert_eq!(
+        (&c["sandbox"], &c["pid"], &c["comm"], &c["orig_dst"]),
+        (
+            &Value::from(""),
+            &Value::from(0),
+            &Value::from(""),
+            &Value::from("")
+        ),
+        "{c}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,5 +478,62 @@ async fn a_record_naming_an_unregistered_sandbox_is_refused() {
         "agent-b",
         "its name is remembered"
     );
-    h.finish().await;
+    let h_origin = h.origin.addr();
+    let audit = h.finish().await;
+    let conns = connections(&audit);
+    assert_eq!(conns.len(), 1, "one connection record: {audit:#?}");
+    let c = conns[0];
+    assert_eq!(c["decision"], "deny");
+    assert_eq!(c["sandbox"], "agent-b", "named by the id in the record");
+    assert_eq!(
+        (&c["pid"], &c["comm"]),
+        (&Value::from(4242), &Value::from("agent-tool"))
+    );
+    assert_eq!(c["orig_dst"], h_origin.to_string());
+    assert!(
+        c["reason"].as_str().unwrap().contains("not registered"),
+        "{c}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_before_its_first_byte_is_audited() {
+    let h = Harness::start().await;
+    let tcp = h.connect(Some(7)).await;
+    let client = tcp.local_addr().unwrap().to_string();
+    drop(tcp);
+    // And one reset rather than closed (SO_LINGER 0).
+    let tcp = h.connect(Some(7)).await;
+    let reset_client = tcp.local_addr().unwrap().to_string();
+    // A zero linger resets at once on drop; it never blocks, which is what the
+    // deprecation warns about.
+    #[allow(deprecated)]
+    tcp.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(tcp);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let origin = h.origin.addr().to_string();
+    let sb = h.shared.registry.get(7).unwrap();
+    while sb.counters.connections.total() < 2 {
+        assert!(std::time::Instant::now() < deadline, "not recorded in 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let audit = h.finish().await;
+    let conns = connections(&audit);
+    assert_eq!(conns.len(), 2, "{audit:#?}");
+    let mut clients: Vec<&str> = conns
+        .iter()
+        .map(|c| c["client"].as_str().unwrap())
+        .collect();
+    clients.sort();
+    let mut want = vec![client.as_str(), reset_client.as_str()];
+    want.sort();
+    assert_eq!(clients, want);
+    for c in conns {
+        assert_eq!(c["decision"], "error", "{c}");
+        assert_eq!(c["reason"], "closed by the client before its first byte");
+        assert_eq!(c["sandbox"], "agent-a");
+        assert_eq!(c["pid"], 4242);
+        assert_eq!(c["comm"], "agent-tool");
+        assert_eq!(c["orig_dst"], origin.as_str());
+    }
 }

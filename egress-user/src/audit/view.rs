@@ -96,6 +96,13 @@ pub fn render(v: &Value) -> String {
             s("rcode"),
             why(v)
         ),
+        Some("events_lost") => format!(
+            "{} kernel refusals lost: {} (total {}) ({})",
+            s("ts"),
+            n("count"),
+            n("total"),
+            s("reason")
+        ),
         _ => format!("{head} {v}"),
     }
 }

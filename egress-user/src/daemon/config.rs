@@ -11,6 +11,7 @@
 //! admin = "127.0.0.1:9464"              # /healthz /readyz /metrics
 //! policy = "/etc/egress/policy.toml"    # named sandboxes; reloaded on change or SIGHUP
 //! audit = "/var/lib/egress/audit.jsonl" # or "-" for stdout
+//! audit_queue = "64MiB"                 # records held before new work waits for the writer
 //! dns_upstreams = ["10.0.0.2"]          # default: each sandbox's own resolv.conf
 //! drain_timeout = "10s"
 //!
@@ -310,6 +311,8 @@ pub struct DaemonConfig {
     pub policy: Option<PathBuf>,
     pub audit: Sink,
     pub audit_query: bool,
+    /// Bytes of audit records queued before new work waits for the writer.
+    pub audit_queue_bytes: u64,
     /// Empty: each sandbox's own resolvers.
     pub dns_upstreams: Vec<SocketAddr>,
     pub drain_timeout: Duration,
@@ -354,6 +357,7 @@ struct RawDaemon {
     audit_max_bytes: Option<u64>,
     audit_keep: Option<usize>,
     audit_query: Option<bool>,
+    audit_queue: Option<Spanned<toml::Value>>,
     dns_upstreams: Option<Vec<Spanned<String>>>,
     drain_timeout: Option<Spanned<String>>,
     recheck_interval: Option<Spanned<String>>,
@@ -452,6 +456,15 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
             max_bytes: d.audit_max_bytes.unwrap_or(crate::audit::DEFAULT_MAX_BYTES),
             keep: d.audit_keep.unwrap_or(crate::audit::DEFAULT_KEEP),
         },
+    };
+    let audit_queue_bytes = match &d.audit_queue {
+        None => crate::audit::DEFAULT_QUEUE_BYTES,
+        Some(v) => match v.get_ref() {
+            toml::Value::String(t) => crate::audit::parse_size(t),
+            toml::Value::Integer(n) => crate::audit::parse_size(&n.to_string()),
+            _ => Err("must be a size such as \"64MiB\" or a number of bytes".to_owned()),
+        }
+        .map_err(|m| doc.at(v, "daemon.audit_queue".into(), m))?,
     };
     let mut dns_upstreams = Vec::new();
     for (i, u) in d.dns_upstreams.iter().flatten().enumerate() {
@@ -570,6 +583,7 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
         policy,
         audit,
         audit_query: d.audit_query.unwrap_or(false),
+        audit_queue_bytes,
         dns_upstreams,
         drain_timeout,
         recheck,
@@ -670,6 +684,18 @@ no_guard = ["doh"]
     }
 
     #[test]
+    fn the_audit_queue_takes_a_size_or_bytes() {
+        assert_eq!(
+            parse_ok("").audit_queue_bytes,
+            crate::audit::DEFAULT_QUEUE_BYTES
+        );
+        let c = parse_ok("[daemon]\naudit_queue = \"8MiB\"\n");
+        assert_eq!(c.audit_queue_bytes, 8 << 20);
+        let c = parse_ok("[daemon]\naudit_queue = 65536\n");
+        assert_eq!(c.audit_queue_bytes, 65536);
+    }
+
+    #[test]
     fn defaults_fill_an_empty_file() {
         let c = parse_ok("");
         assert_eq!(c.api, PathBuf::from(DEFAULT_API));
@@ -699,6 +725,14 @@ no_guard = ["doh"]
             (
                 "[daemon]\ndrain_timeout = \"soon\"\n",
                 "/etc/egress/daemon.toml:2:17: daemon.drain_timeout:",
+            ),
+            (
+                "[daemon]\naudit_queue = \"lots\"\n",
+                "/etc/egress/daemon.toml:2:15: daemon.audit_queue: \"lots\" is not a size",
+            ),
+            (
+                "[daemon]\naudit_queue = 0\n",
+                "/etc/egress/daemon.toml:2:15: daemon.audit_queue: \"0\": must be between",
             ),
             (
                 "[daemon]\nproxy_port = 15001\ndns_port = 15001\n",

@@ -48,7 +48,12 @@ where
 {
     let svc = hyper::service::service_fn(move |req| {
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(req, &conn).await) }
+        async move {
+            // Back-pressure: a request starts only once the audit queue has room for its
+            // record.
+            conn.conn.shared.audit.wait_for_space().await;
+            Ok::<_, Infallible>(handle(req, &conn).await)
+        }
     });
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()

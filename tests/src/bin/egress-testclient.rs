@@ -3,7 +3,9 @@
 //!
 //! Usage: egress-testclient [--wait FILE] OP ADDR [ARGS]
 //!   --wait FILE   wait until FILE exists first; an ADDR of `@` is read from FILE
-//!   OP is one of: connect, nonblock, fastopen, connect-err, udp, loop N, escape CGROUP_PROCS
+//!   OP is one of: connect, nonblock, fastopen, connect-err, udp, loop N, escape CGROUP_PROCS,
+//!   flood N THREADS (N refused UDP sends from THREADS threads, counted by errno),
+//!   get-loop N PATHLEN (N sequential HTTP/1.0 GETs, each with a path of PATHLEN bytes)
 #![allow(unsafe_code)]
 
 use std::{
@@ -60,6 +62,32 @@ fn main() {
                 }
             }
             serde_json::json!({"ok": ok})
+        }
+        "flood" => {
+            let n: u64 = args[2].parse().unwrap();
+            let threads: u64 = args[3].parse().unwrap();
+            flood(parse(&addr_text), n, threads)
+        }
+        "get-loop" => {
+            let n: usize = args[2].parse().unwrap();
+            let len: usize = args[3].parse().unwrap();
+            let path = format!("/{}", "p".repeat(len.saturating_sub(1)));
+            let start = Instant::now();
+            let mut ok = 0;
+            for _ in 0..n {
+                let Ok(mut s) = connect_blocking(&addr_text) else {
+                    continue;
+                };
+                // Long enough to sit out a stalled audit writer.
+                let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+                let _ = write!(s, "GET {path} HTTP/1.0\r\n\r\n");
+                let mut resp = String::new();
+                let _ = s.read_to_string(&mut resp);
+                if resp.contains("200 OK") {
+                    ok += 1;
+                }
+            }
+            serde_json::json!({"ok": ok, "elapsed_ms": start.elapsed().as_millis() as u64})
         }
         "escape" => match std::fs::write(&addr_text, pid.to_string()) {
             Ok(()) => serde_json::json!({"escaped": true}),
@@ -214,6 +242,52 @@ fn request(s: std::io::Result<TcpStream>) -> serde_json::Value {
         "response": resp,
         "read_error": read.err().map(|e| e.to_string()),
         "fd": s.as_raw_fd(),
+    })
+}
+
+/// Sends as fast as it can to `addr` from `threads` UDP sockets (one per thread), `n` sends
+/// in all, and counts how each ended.
+fn flood(addr: SocketAddr, n: u64, threads: u64) -> serde_json::Value {
+    let start = Instant::now();
+    let per = n / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let count = if t == threads - 1 {
+                n - per * (threads - 1)
+            } else {
+                per
+            };
+            std::thread::spawn(move || {
+                let s = UdpSocket::bind(if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                })
+                .unwrap();
+                let (mut sent, mut eperm, mut other) = (0u64, 0u64, 0u64);
+                for _ in 0..count {
+                    match s.send_to(b"x", addr) {
+                        Ok(_) => sent += 1,
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                        Err(_) => other += 1,
+                    }
+                }
+                (sent, eperm, other)
+            })
+        })
+        .collect();
+    let (mut sent, mut eperm, mut other) = (0, 0, 0);
+    for h in handles {
+        let (s, e, o) = h.join().unwrap();
+        sent += s;
+        eperm += e;
+        other += o;
+    }
+    serde_json::json!({
+        "sent": sent,
+        "eperm": eperm,
+        "other_errors": other,
+        "elapsed_ms": start.elapsed().as_millis() as u64,
     })
 }
 
