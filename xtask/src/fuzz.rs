@@ -116,6 +116,13 @@ fn run_one(root: &Path, tool: &Path, target: &'static str, seconds: u64) -> Resu
     } else {
         // The end of the log holds the panic message and libFuzzer's own report.
         let lines: Vec<&str> = text.lines().collect();
+        // The panic message sits above the backtrace, which the tail may not reach.
+        if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+            eprintln!("---- {target}: the panic");
+            for l in lines.iter().skip(at).take(5) {
+                eprintln!("{l}");
+            }
+        }
         eprintln!("---- {target}: last lines of {}", log_path.display());
         for l in &lines[lines.len().saturating_sub(40)..] {
             eprintln!("{l}");
