@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod deploy;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Build, run and test egress")]
@@ -37,12 +38,21 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// setup, fmt, clippy -D warnings, unit tests, the deployment files under deploy/, then
-    /// the privileged end-to-end tests.
+    /// setup, fmt, clippy -D warnings, unit and property tests, a short run of each fuzz
+    /// target, the deployment files under deploy/, then the privileged end-to-end tests.
     Test {
         /// Extra arguments for the privileged test binary (a test name filter, for example).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Run the libFuzzer targets under fuzz/ (nightly; installs cargo-fuzz into
+    /// target/tools). A crash fails the run and names its reproducer.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, value_name = "S", default_value_t = 30)]
+        time: u64,
+        /// Targets to run (default: all): sniff, dns, policy, secrets_stream.
+        targets: Vec<String>,
     },
     /// Validate the deployment files under deploy/ (part of `test`).
     CheckDeploy {
@@ -111,6 +121,9 @@ const TEST_PACKAGES: &[&str] = &[
     "docker.io",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Seconds per fuzz target in `cargo xtask test`: one minute for the four; building the
+/// fuzz crate costs more (see README, Fuzzing).
+const CI_FUZZ_SECONDS: u64 = 15;
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -125,6 +138,7 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { args } => test(args),
+        Cmd::Fuzz { time, targets } => fuzz::run_targets(&targets, time),
         Cmd::CheckDeploy { egress_bin } => {
             let bin = match egress_bin {
                 Some(b) => b,
@@ -316,6 +330,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
             "egress-tests",
         ])
         .env("EGRESS_BPF_OBJECT", &obj))?;
+    // Each fuzz target briefly, from its seeds (no root needed).
+    fuzz::run_targets(&[], CI_FUZZ_SECONDS)?;
     // The deployment files, checked with the release binary (no root needed).
     let bin = build(true)?;
     deploy::check(&bin)?;
