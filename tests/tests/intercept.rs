@@ -597,3 +597,83 @@ fn openssl_validates_the_minted_leaf() {
         f.stdout
     );
 }
+
+#[test]
+fn a_large_client_hello_sent_byte_by_byte_gets_the_right_leaf() {
+    need(PY);
+    let s = site("127.0.35.2");
+    // A ClientHello of over 1.5 KiB (a long ALPN list, as post-quantum key shares make
+    // browsers' hellos this size), written one byte per segment with TCP_NODELAY, then the
+    // handshake finished through memory BIOs. The leaf must be minted for the SNI.
+    let script = r#"
+import os, socket, ssl, time
+ctx = ssl.create_default_context(cafile=os.environ['SSL_CERT_FILE'])
+ctx.set_alpn_protocols(['x-padding-%02d-%s' % (i, 'p' * 20) for i in range(60)] + ['http/1.1'])
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname='origin.test')
+s = socket.create_connection(('127.0.35.2', 443))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+for b in hello:
+    s.send(bytes([b]))
+    time.sleep(0.001)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pending = out.read()
+        if pending:
+            s.sendall(pending)
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit('closed during the handshake')
+        inc.write(chunk)
+pending = out.read()
+if pending:
+    s.sendall(pending)
+san = [v for k, v in tls.getpeercert()['subjectAltName'] if k == 'DNS']
+tls.write(b'GET /hello HTTP/1.1\r\nHost: origin.test\r\nConnection: close\r\n\r\n')
+s.sendall(out.read())
+s.settimeout(10)
+body = b''
+def complete(b):
+    head, sep, rest = b.partition(b'\r\n\r\n')
+    if not sep:
+        return False
+    for line in head.split(b'\r\n')[1:]:
+        k, _, v = line.partition(b':')
+        if k.strip().lower() == b'content-length':
+            return len(rest) >= int(v)
+    return False
+while not complete(body):
+    try:
+        body += tls.read(65536)
+        continue
+    except ssl.SSLWantReadError:
+        pass
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    inc.write(chunk)
+print(len(hello))
+print(','.join(san))
+print(body.split(b'\r\n', 1)[0].decode())
+print(body.rsplit(b'\r\n\r\n', 1)[-1].decode())
+"#;
+    let f = Egress::run(&s.args(&["--allow", "origin.test"]), &[PY, "-c", script]).finish();
+    assert!(f.status.success(), "{f:#?}");
+    let lines: Vec<&str> = f.stdout.lines().collect();
+    let hello_len: usize = lines[0].parse().unwrap();
+    assert!(hello_len > 1500, "the hello was only {hello_len} bytes");
+    assert_eq!(lines[1], "origin.test", "the leaf's names: {f:#?}");
+    assert_eq!(lines[2], "HTTP/1.1 200 OK", "{f:#?}");
+    assert_eq!(lines[3], "hello from origin.test", "{f:#?}");
+    let r = f.audit_of("request");
+    assert_eq!(r.len(), 1, "{f:#?}");
+    assert_eq!(r[0]["sni"], "origin.test");
+}
