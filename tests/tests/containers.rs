@@ -253,6 +253,15 @@ fn listed(d: &Daemon, name: &str) -> Option<Value> {
     d.list().into_iter().find(|s| s["name"] == name)
 }
 
+/// Waits until the daemon lists sandbox `name` as active, and returns it.
+fn wait_active(d: &Daemon, name: &str) -> Value {
+    wait_for(&format!("sandbox {name} to be active"), || {
+        listed(d, name)
+            .filter(|s| s["state"] == "active")
+            .ok_or_else(|| format!("{:?}", d.list()))
+    })
+}
+
 #[test]
 fn containers_enrolled_with_docker_are_captured_and_audited() {
     let host = Host::new();
@@ -409,11 +418,7 @@ fn containers_labelled_are_enrolled_by_the_watcher_and_leave_nothing_once_remove
 
     let mut ids = Vec::new();
     for c in [&early, &late] {
-        let info = wait_for(&format!("{} to be enrolled", c.name), || {
-            listed(&d, &c.name)
-                .filter(|s| s["state"] == "active")
-                .ok_or_else(|| format!("{:?}", d.list()))
-        });
+        let info = wait_active(&d, &c.name);
         assert_eq!(info["source"], "docker", "{info}");
         assert_eq!(info["policy"], "agent", "{info}");
         ids.push(info["id"].as_u64().unwrap());
@@ -524,11 +529,7 @@ fn containers_under_a_deny_all_cgroup_parent_are_refused_from_their_first_connec
         c.cgroup(),
         parent.rel()
     );
-    wait_for("the labelled container to be enrolled", || {
-        listed(&d, &c.name)
-            .filter(|s| s["state"] == "active")
-            .ok_or_else(|| format!("{:?}", d.list()))
-    });
+    wait_active(&d, &c.name);
     let ok = curl(&c, ALLOWED, None, "/hello");
     assert_eq!(
         ok.status, 200,
@@ -574,11 +575,7 @@ fn containers_stay_closed_while_the_daemon_is_down_and_a_restart_readopts_them()
     );
 
     d.spawn();
-    let info = wait_for("the container's sandbox to be re-adopted", || {
-        listed(&d, "survivor")
-            .filter(|s| s["state"] == "active")
-            .ok_or_else(|| format!("{:?}", d.list()))
-    });
+    let info = wait_active(&d, "survivor");
     assert_eq!(info["id"].as_u64(), Some(id), "{info}");
     assert_eq!(info["adopted"], true, "{info}");
     assert_eq!(curl(&c, ALLOWED, None, "/hello").status, 200);
@@ -604,11 +601,7 @@ fn containers_egress_run_from_its_own_image_enrols_a_labelled_container() {
     let mut opts = host.run_args();
     opts.extend(["--label".into(), "egress.policy=agent".into()]);
     let c = run(&baked.tag, "agent", &opts, &["sleep", "600"]);
-    wait_for("the labelled container to be enrolled", || {
-        listed(&d, &c.name)
-            .filter(|s| s["state"] == "active")
-            .ok_or_else(|| format!("{:?}", d.list()))
-    });
+    wait_active(&d, &c.name);
     let ok = curl(&c, ALLOWED, None, "/hello");
     assert_eq!(
         (ok.status, ok.body.as_str()),
