@@ -710,6 +710,36 @@ impl Daemon {
         read_json_lines(&self.audit)
     }
 
+    /// The audit records of `event`, once there are at least `n` of them. Records are written
+    /// by the audit task after the client has its answer, so a test that has just seen a
+    /// response waits for the record rather than racing the writer.
+    pub fn audit_of(&self, event: &str, n: usize) -> Vec<Value> {
+        wait_for(&format!("{n} {event} audit records"), || {
+            let found: Vec<Value> = self
+                .audit()
+                .into_iter()
+                .filter(|r| r["event"] == event)
+                .collect();
+            if found.len() >= n {
+                Ok(found)
+            } else {
+                Err(format!("{found:#?}"))
+            }
+        })
+    }
+
+    /// The first audit record of `event` that `matches`, waiting for the audit task to write it.
+    pub fn audit_find(&self, event: &str, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, || {
+            let found = self.audit_of(event, 0);
+            found
+                .iter()
+                .find(|r| matches(r))
+                .cloned()
+                .ok_or_else(|| format!("{found:#?}"))
+        })
+    }
+
     /// A world-readable copy of the daemon's CA certificate, for sandboxed clients to trust
     /// (the confdir itself is 0700).
     pub fn ca_for_clients(&self) -> PathBuf {

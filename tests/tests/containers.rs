@@ -224,13 +224,6 @@ fn dig(c: &Container, name: &str) -> (String, Vec<String>) {
     (status.to_owned(), answers)
 }
 
-fn audit_of(d: &Daemon, event: &str) -> Vec<Value> {
-    d.audit()
-        .into_iter()
-        .filter(|r| r["event"] == event)
-        .collect()
-}
-
 /// `egress sandbox add/remove/list …` against this daemon's API; the exit code and stdout.
 fn cli(d: &Daemon, args: &[&str]) -> (i32, String) {
     let out = Command::new(egress_bin())
@@ -344,11 +337,8 @@ fn containers_enrolled_with_docker_are_captured_and_audited() {
          urllib.request.urlopen('https://allowed.test/status/200').read()\n\
          time.sleep(300)",
     ]);
-    let rec = wait_for("the audit record of python's request", || {
-        audit_of(&d, "request")
-            .into_iter()
-            .find(|r| r["path"] == "/status/200")
-            .ok_or_else(|| format!("{:#?}", audit_of(&d, "request")))
+    let rec = d.audit_find("request", "the audit record of python's request", |r| {
+        r["path"] == "/status/200"
     });
     assert_eq!(rec["sandbox"], "agent-1", "{rec:#}");
     assert_eq!(rec["decision"], "allow", "{rec:#}");
@@ -360,27 +350,27 @@ fn containers_enrolled_with_docker_are_captured_and_audited() {
         "audited pid {pid} is not in the container: {cg}"
     );
     for (host_name, decision, comm) in [(ALLOWED, "allow", "curl"), (DENIED, "deny", "curl")] {
-        let requests = audit_of(&d, "request");
-        assert!(
-            requests.iter().any(|r| r["host"] == host_name
-                && r["decision"] == decision
-                && r["sandbox"] == "agent-1"
-                && r["comm"] == comm
-                && r["pid"].as_u64().is_some_and(|p| p > 1)),
-            "no {decision} record for {host_name}: {requests:#?}"
+        d.audit_find(
+            "request",
+            &format!("the {decision} record of {host_name}"),
+            |r| {
+                r["host"] == host_name
+                    && r["decision"] == decision
+                    && r["sandbox"] == "agent-1"
+                    && r["comm"] == comm
+                    && r["pid"].as_u64().is_some_and(|p| p > 1)
+            },
         );
     }
     // dig sends from its worker thread, whose comm is `isc-net-NNNN`.
-    assert!(
-        audit_of(&d, "dns").iter().any(|r| r["sandbox"] == "agent-1"
+    d.audit_find("dns", "the dns deny record of dig", |r| {
+        r["sandbox"] == "agent-1"
             && r["decision"] == "deny"
             && r["name"].as_str().is_some_and(|n| n.starts_with(DENIED))
             && r["comm"]
                 .as_str()
-                .is_some_and(|c| c == "dig" || c.starts_with("isc-net"))),
-        "{:#?}",
-        audit_of(&d, "dns")
-    );
+                .is_some_and(|c| c == "dig" || c.starts_with("isc-net"))
+    });
 
     // Removed through the CLI: the container is no longer captured.
     let (code, out) = cli(&d, &["sandbox", "remove", "agent-1"]);
@@ -616,11 +606,7 @@ fn containers_egress_run_from_its_own_image_enrols_a_labelled_container() {
         IpAddr::V4(c.ip(&host.net)),
         "the upstream connection must leave from the agent's netns"
     );
-    let requests = audit_of(&d, "request");
-    assert!(
-        requests
-            .iter()
-            .any(|r| r["sandbox"] == c.name.as_str() && r["comm"] == "curl" && r["status"] == 200),
-        "{requests:#?}"
-    );
+    d.audit_find("request", "the audit record of curl's request", |r| {
+        r["sandbox"] == c.name.as_str() && r["comm"] == "curl" && r["status"] == 200
+    });
 }

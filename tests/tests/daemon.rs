@@ -122,13 +122,6 @@ fn dig(cg: &Cgroup, ns: &Netns, server: Ipv4Addr, name: &str) -> (String, Vec<St
 }
 
 /// The audit records of one kind (`request`, `dns`, `kernel_deny`, …).
-fn audit_of(d: &Daemon, event: &str) -> Vec<Value> {
-    d.audit()
-        .into_iter()
-        .filter(|r| r["event"] == event)
-        .collect()
-}
-
 // 1. One daemon, two sandboxes, two policies: each sandbox's requests and DNS queries are
 //    judged by its own policy, audited under its own name, and leave from its own netns.
 #[test]
@@ -205,7 +198,7 @@ fn daemon_serves_two_sandboxes_each_under_its_own_policy() {
         );
     }
     // Audited under the sandbox that made the request.
-    let requests = audit_of(&d, "request");
+    let requests = d.audit_of("request", 4);
     for (sandbox, host, decision, status) in [
         ("a", "a-only.test", "allow", 200),
         ("a", "b-only.test", "deny", 403),
@@ -271,18 +264,20 @@ fn daemon_serves_two_sandboxes_each_under_its_own_policy() {
         "getaddrinfo in sandbox a: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let dns = audit_of(&d, "dns");
     for (sandbox, name, decision) in [
         ("a", "b-only.test", "deny"),
         ("b", "a-only.test", "deny"),
         ("a", "a-only.test", "allow"),
         ("b", "b-only.test", "allow"),
     ] {
-        assert!(
-            dns.iter().any(|r| r["sandbox"] == sandbox
-                && r["name"].as_str().map(|n| n.trim_end_matches('.')) == Some(name)
-                && r["decision"] == decision),
-            "no dns audit record ({sandbox}, {name}, {decision}): {dns:#?}"
+        d.audit_find(
+            "dns",
+            &format!("the dns audit record ({sandbox}, {name}, {decision})"),
+            |r| {
+                r["sandbox"] == sandbox
+                    && r["name"].as_str().map(|n| n.trim_end_matches('.')) == Some(name)
+                    && r["decision"] == decision
+            },
         );
     }
 }
@@ -395,7 +390,8 @@ fn daemon_parent_deny_all_holds_a_new_child_until_the_child_is_registered() {
         "only the allowed request reaches the origin: {seen:?}"
     );
     assert_eq!(seen[0].peer.ip(), IpAddr::V4(ns.sandbox_ip), "{seen:?}");
-    let decisions: Vec<(String, String)> = audit_of(&d, "request")
+    let decisions: Vec<(String, String)> = d
+        .audit_of("request", 3)
         .iter()
         .map(|r| {
             (
@@ -413,7 +409,7 @@ fn daemon_parent_deny_all_holds_a_new_child_until_the_child_is_registered() {
     // Kernel refusals reach the audit through a ring buffer: give the reader a moment.
     for sandbox in ["parent", "child"] {
         wait_for(&format!("the kernel_deny record of {sandbox}"), || {
-            let denies = audit_of(&d, "kernel_deny");
+            let denies = d.audit_of("kernel_deny", 0);
             denies
                 .iter()
                 .any(|r| r["sandbox"] == sandbox && r["dst"] == ns.host(8080).to_string())
@@ -654,10 +650,19 @@ fn daemon_adds_and_removes_a_sandbox_under_load_without_disturbing_another() {
     assert!(!attached_programs(cg_a.path()).is_empty());
     let list = d.list();
     assert_eq!(list.len(), 1, "{list:#?}");
-    let audited = audit_of(&d, "request")
-        .iter()
-        .filter(|r| r["sandbox"] == "a" && r["decision"] == "allow")
-        .count();
+    let ok = stats["ok"].as_u64().unwrap_or(0) as usize;
+    let audited = wait_for("an audit record for every request of sandbox a", || {
+        let n = d
+            .audit_of("request", 0)
+            .iter()
+            .filter(|r| r["sandbox"] == "a" && r["decision"] == "allow")
+            .count();
+        if n >= ok {
+            Ok(n)
+        } else {
+            Err(format!("{n} of {ok}"))
+        }
+    });
     assert_eq!(
         Some(audited as u64),
         stats["ok"].as_u64(),
@@ -904,11 +909,10 @@ fn daemon_killed_leaves_sandboxes_closed_and_a_restart_takes_them_back() {
     );
     touch(&stop, "");
     assert!(client.wait().success(), "the sandboxed loop failed");
-    assert!(
-        audit_of(&d, "request")
-            .iter()
-            .any(|r| r["sandbox"] == "s" && r["decision"] == "allow"),
-        "requests after the restart are audited under the sandbox's name"
+    d.audit_find(
+        "request",
+        "requests after the restart audited under the sandbox's name",
+        |r| r["sandbox"] == "s" && r["decision"] == "allow",
     );
 }
 
@@ -1456,7 +1460,7 @@ fn daemon_api_refuses_bad_input_outsiders_and_sandboxes() {
         "the API socket from sandbox a: {out:?}"
     );
     wait_for("the kernel_deny record of the admin port", || {
-        let denies = audit_of(&d, "kernel_deny");
+        let denies = d.audit_of("kernel_deny", 0);
         denies
             .iter()
             .any(|r| r["sandbox"] == "a" && r["dst"] == admin)
