@@ -677,3 +677,60 @@ print(body.rsplit(b'\r\n\r\n', 1)[-1].decode())
     assert_eq!(r.len(), 1, "{f:#?}");
     assert_eq!(r[0]["sni"], "origin.test");
 }
+
+#[test]
+fn a_post_quantum_rustls_hello_gets_the_right_leaf_wherever_its_sni_sits() {
+    let s = site("127.0.35.3");
+    // rustls on aws-lc-rs offers X25519MLKEM768 (a 1,216-byte key share: a 1,460-byte hello)
+    // and shuffles its extensions per hello, so over 24 attempts the SNI sits past byte 1024
+    // in some and before it in others; half the hellos are written in 100-byte segments.
+    const ATTEMPTS: usize = 24;
+    let client = egress_tests::testclient();
+    let f = Egress::run(
+        &s.args(&["--allow", "origin.test"]),
+        &[
+            client.to_str().unwrap(),
+            "pq-tls",
+            "127.0.35.3:443",
+            "origin.test",
+            &ATTEMPTS.to_string(),
+        ],
+    )
+    .finish();
+    assert!(f.status.success(), "{f:#?}");
+    let out: Value =
+        serde_json::from_str(f.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {f:#?}"));
+    let attempts = out["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), ATTEMPTS);
+    let mut sni_past_1024 = 0;
+    for a in attempts {
+        assert_eq!(a["error"], Value::Null, "{a:#}");
+        assert_eq!(a["status_line"], "HTTP/1.1 200 OK", "{a:#}");
+        assert_eq!(a["body"], "hello from origin.test", "{a:#}");
+        let groups: Vec<u64> = a["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        assert!(
+            groups.contains(&0x11ec),
+            "no X25519MLKEM768 key share offered: {a:#}"
+        );
+        assert!(a["hello_len"].as_u64().unwrap() > 1400, "{a:#}");
+        if a["sni_at"].as_u64().unwrap() > 1024 {
+            sni_past_1024 += 1;
+        }
+    }
+    assert!(
+        (1..ATTEMPTS).contains(&sni_past_1024),
+        "the SNI sat past byte 1024 in {sni_past_1024} of {ATTEMPTS} hellos: {attempts:#?}"
+    );
+    let r = f.audit_of("request");
+    assert_eq!(r.len(), ATTEMPTS, "{f:#?}");
+    assert!(
+        r.iter()
+            .all(|r| r["sni"] == "origin.test" && r["status"] == 200),
+        "{r:#?}"
+    );
+}

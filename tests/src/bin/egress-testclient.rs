@@ -5,7 +5,9 @@
 //!   --wait FILE   wait until FILE exists first; an ADDR of `@` is read from FILE
 //!   OP is one of: connect, nonblock, fastopen, connect-err, udp, loop N, escape CGROUP_PROCS,
 //!   flood N THREADS (N refused UDP sends from THREADS threads, counted by errno),
-//!   get-loop N PATHLEN (N sequential HTTP/1.0 GETs, each with a path of PATHLEN bytes)
+//!   get-loop N PATHLEN (N sequential HTTP/1.0 GETs, each with a path of PATHLEN bytes),
+//!   pq-tls NAME N (N HTTPS GETs of /hello for NAME from rustls offering X25519MLKEM768,
+//!   trusting only $SSL_CERT_FILE, each reporting the size and layout of its ClientHello)
 #![allow(unsafe_code)]
 
 use std::{
@@ -89,6 +91,7 @@ fn main() {
             }
             serde_json::json!({"ok": ok, "elapsed_ms": start.elapsed().as_millis() as u64})
         }
+        "pq-tls" => pq_tls(&addr_text, &args[2], args[3].parse().unwrap()),
         "escape" => match std::fs::write(&addr_text, pid.to_string()) {
             Ok(()) => serde_json::json!({"escaped": true}),
             Err(e) => serde_json::json!({"escaped": false, "errno": e.raw_os_error()}),
@@ -303,4 +306,120 @@ fn udp(a: &str) -> serde_json::Value {
         Ok(_) => serde_json::json!({"sent": true}),
         Err(e) => serde_json::json!({"sent": false, "errno": e.raw_os_error()}),
     }
+}
+
+/// HTTPS GETs of `/hello` from a rustls client built on aws-lc-rs, which offers the hybrid
+/// post-quantum group X25519MLKEM768 first: its key share alone is 1,216 bytes, so the
+/// ClientHello runs past 1.5 KiB, as browsers' do. rustls shuffles its extensions per hello,
+/// so across attempts the SNI lands both before and after byte 1024. Odd attempts write the
+/// hello in 100-byte segments. The handshake verifies the leaf against $SSL_CERT_FILE (the
+/// egress CA) for `name`: a leaf minted for another name fails it.
+fn pq_tls(addr: &str, name: &str, attempts: usize) -> serde_json::Value {
+    use rustls::pki_types::{pem::PemObject as _, CertificateDer, ServerName};
+    let ca = std::env::var("SSL_CERT_FILE").expect("SSL_CERT_FILE");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&ca).expect("the CA file") {
+        roots.add(cert.expect("a CA certificate")).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    // No session store: it would also remember that the server chose X25519 and send only
+    // that share from the second hello on.
+    config.resumption = rustls::client::Resumption::disabled();
+    let config = std::sync::Arc::new(config);
+    let server_name = ServerName::try_from(name.to_owned()).unwrap();
+    let results: Vec<serde_json::Value> = (0..attempts)
+        .map(|i| {
+            let mut conn =
+                rustls::ClientConnection::new(config.clone(), server_name.clone()).unwrap();
+            let mut hello = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut hello).unwrap();
+            }
+            let (sni_at, groups) = hello_layout(&hello);
+            let outcome = (|| -> Result<String, String> {
+                let mut tcp = connect_blocking(addr).map_err(|e| format!("connect: {e}"))?;
+                tcp.set_nodelay(true).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let chunk = if i % 2 == 1 { 100 } else { hello.len() };
+                for part in hello.chunks(chunk) {
+                    tcp.write_all(part).map_err(|e| format!("hello: {e}"))?;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+                write!(
+                    tls,
+                    "GET /hello HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
+                )
+                .map_err(|e| format!("handshake or request: {e}"))?;
+                let mut resp = String::new();
+                match tls.read_to_string(&mut resp) {
+                    Ok(_) => Ok(resp),
+                    // Some servers close without close_notify once the body is complete.
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !resp.is_empty() => {
+                        Ok(resp)
+                    }
+                    Err(e) => Err(format!("response: {e}")),
+                }
+            })();
+            let mut v = serde_json::json!({
+                "hello_len": hello.len(),
+                "sni_at": sni_at,
+                "groups": groups,
+                "segments": if i % 2 == 1 { hello.len().div_ceil(100) } else { 1 },
+            });
+            match outcome {
+                Ok(resp) => {
+                    v["status_line"] = resp.lines().next().unwrap_or_default().into();
+                    v["body"] = resp.rsplit("\r\n\r\n").next().unwrap_or_default().into();
+                }
+                Err(e) => v["error"] = e.into(),
+            }
+            v
+        })
+        .collect();
+    serde_json::json!({ "attempts": results })
+}
+
+/// Where the SNI host name starts in a ClientHello record, and the groups of its key shares.
+fn hello_layout(rec: &[u8]) -> (Option<usize>, Vec<u16>) {
+    let u16_at = |i: usize| {
+        rec.get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+    };
+    // record header (5), handshake header (4), version (2), random (32)
+    let mut i = 5 + 4 + 2 + 32;
+    let Some(&sid) = rec.get(i) else {
+        return (None, Vec::new());
+    };
+    i += 1 + usize::from(sid);
+    i += 2 + u16_at(i).unwrap_or(0);
+    i += 1 + usize::from(rec.get(i).copied().unwrap_or(0));
+    let end = i + 2 + u16_at(i).unwrap_or(0);
+    i += 2;
+    let (mut sni_at, mut groups) = (None, Vec::new());
+    while i + 4 <= end.min(rec.len()) {
+        let (ty, len) = (u16_at(i).unwrap(), u16_at(i + 2).unwrap());
+        let body = i + 4;
+        match ty {
+            // server_name: list length (2), name type (1), name length (2), name
+            0 => sni_at = Some(body + 5),
+            // key_share: shares length (2), then (group (2), length (2), key)*
+            51 => {
+                let mut j = body + 2;
+                while j + 4 <= body + len {
+                    groups.push(u16_at(j).unwrap() as u16);
+                    j += 4 + u16_at(j + 2).unwrap();
+                }
+            }
+            _ => {}
+        }
+        i = body + len;
+    }
+    (sni_at, groups)
 }
