@@ -384,6 +384,16 @@ impl Upstream {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    /// The accepted count once it reaches `n`. A client's connect() returns when the kernel
+    /// has queued the connection, before this listener's thread has accepted and counted it.
+    pub fn wait_accepted(&self, n: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.accepted() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.accepted()
+    }
 }
 
 impl Drop for Upstream {

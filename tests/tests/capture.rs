@@ -195,7 +195,7 @@ fn outside_processes_and_proxy_upstreams_are_untouched() {
     let mut s = String::new();
     direct.read_to_string(&mut s).unwrap();
     assert!(s.ends_with("hello from 127.0.7.2:80"));
-    assert_eq!(side.accepted(), 1);
+    assert_eq!(side.wait_accepted(1), 1);
     touch(&go, "");
     let f = e.finish();
     let out = f.client_json();

@@ -268,7 +268,7 @@ fn containers_enrolled_with_docker_are_captured_and_audited() {
 
     // Before enrolment the container reaches the host directly: what follows is egress's.
     assert_eq!(connect(&c, gw, 8080), "ok", "before enrolment");
-    let reached = host.other.accepted();
+    let reached = host.other.wait_accepted(1);
 
     let (code, out) = cli(
         &d,

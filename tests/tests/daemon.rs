@@ -475,11 +475,7 @@ print(json.dumps(stats), flush=True)
 /// Waits until `up` has accepted `n` connections (its accept loop runs on its own thread,
 /// a little after the client's connect returned), then checks that it is exactly `n`.
 fn wait_accepted(up: &Upstream, n: usize, what: &str) {
-    wait_for(&format!("{n} connections accepted: {what}"), || {
-        let got = up.accepted();
-        (got >= n).then_some(()).ok_or(format!("{got}"))
-    });
-    assert_eq!(up.accepted(), n, "{what}");
+    assert_eq!(up.wait_accepted(n), n, "{what}");
 }
 
 /// What `egress-testclient connect-err ADDR` says from inside a sandbox.
