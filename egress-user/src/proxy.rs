@@ -36,7 +36,7 @@ use crate::{
     state::{ListenStats, SandboxState, Shared},
 };
 
-/// How long a client may take to send enough bytes to tell TLS from HTTP.
+/// How long a client may take, in all, to send enough bytes to tell TLS from HTTP.
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -157,8 +157,8 @@ pub async fn serve(
         let Some(rec) = shared.records.take_conn(&key) else {
             stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, "connection refused: no original destination recorded for it");
-            drop(stream);
-            // Nothing is known but the client: no sandbox, process or destination.
+            // Nothing is known but the client: no sandbox, process or destination. The
+            // record is queued before the close, so whoever sees the close finds it.
             audit_refused(
                 &shared,
                 Who::now(String::new(), 0, String::new()),
@@ -166,13 +166,13 @@ pub async fn serve(
                 None,
                 REASON_NO_RECORD,
             );
+            drop(stream);
             continue;
         };
         let meta = ConnMeta::new(&rec, client);
         let Some(sandbox) = shared.registry.get(meta.sandbox) else {
             stats.unknown_sandbox.fetch_add(1, Ordering::Relaxed);
             warn!(%client, %listen, sandbox = meta.sandbox, "connection refused: its sandbox is not registered");
-            drop(stream);
             let who = Who::now(
                 shared.registry.name(meta.sandbox),
                 meta.pid,
@@ -185,6 +185,7 @@ pub async fn serve(
                 Some(meta.orig_dst),
                 REASON_UNKNOWN_SANDBOX,
             );
+            drop(stream);
             continue;
         };
         let span = info_span!(
@@ -234,8 +235,11 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
     let _ = stream.set_nodelay(true);
     let start = std::time::Instant::now();
     let mut buf = BytesMut::with_capacity(2048);
+    // One deadline for the whole sniff, not one per read: a client trickling its hello a
+    // byte at a time (TLS slowloris) must not hold the connection for hours.
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
     let kind = loop {
-        let read = tokio::time::timeout(SNIFF_TIMEOUT, stream.read_buf(&mut buf)).await;
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
         match read {
             Err(_) => break Err("no TLS ClientHello or HTTP request within the sniff timeout"),
             Ok(r @ (Err(_) | Ok(0))) if buf.is_empty() => {

@@ -537,3 +537,48 @@ async fn a_connection_closed_before_its_first_byte_is_audited() {
         assert_eq!(c["orig_dst"], origin.as_str());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_trickled_byte_by_byte_is_cut_off_at_the_sniff_deadline() {
+    use egress_user::proxy::SNIFF_TIMEOUT;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let h = Harness::start().await;
+    let mut tcp = h.connect(Some(SANDBOXES[0].0)).await;
+    let start = std::time::Instant::now();
+    // A record header and handshake header announcing a 508-byte hello, then its bytes one
+    // every 500 ms: every read arrives well within the sniff timeout, the whole hello never
+    // does (TLS slowloris).
+    let mut closed_after = None;
+    let head = [0x16u8, 3, 1, 2, 0, 1, 0, 1, 0xfc];
+    for b in head.into_iter().chain(std::iter::repeat(0)) {
+        if tcp.write_all(&[b]).await.is_err() {
+            closed_after = Some(start.elapsed());
+            break;
+        }
+        let mut buf = [0u8; 64];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(500), tcp.read(&mut buf)).await {
+            assert!(
+                !matches!(r, Ok(n) if n > 0),
+                "egress answered a partial hello"
+            );
+            closed_after = Some(start.elapsed());
+            break;
+        }
+        if start.elapsed() > SNIFF_TIMEOUT * 3 {
+            break;
+        }
+    }
+    let closed = closed_after.expect("still open after three sniff timeouts");
+    assert!(
+        closed >= SNIFF_TIMEOUT && closed < SNIFF_TIMEOUT + Duration::from_secs(3),
+        "closed after {closed:?}, the sniff timeout is {SNIFF_TIMEOUT:?}"
+    );
+    let audit = h.finish().await;
+    let conns = connections(&audit);
+    assert_eq!(conns.len(), 1, "{audit:#?}");
+    assert_eq!(conns[0]["decision"], "deny");
+    assert_eq!(
+        conns[0]["reason"],
+        "no TLS ClientHello or HTTP request within the sniff timeout"
+    );
+}
