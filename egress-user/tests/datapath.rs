@@ -582,3 +582,78 @@ async fn a_hello_trickled_byte_by_byte_is_cut_off_at_the_sniff_deadline() {
         "no TLS ClientHello or HTTP request within the sniff timeout"
     );
 }
+
+/// A request the client gives up on after egress forwarded it (an HTTP/2 reset, or the
+/// connection closed) still leaves its one audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_after_it_was_forwarded_is_audited_once() {
+    let h = Harness::start().await;
+    for h2 in [true, false] {
+        let before = h.origin.request_count();
+        let tcp = h.connect(Some(7)).await;
+        let mut cfg = (*tls_client_config(&h.egress_ca_pem)).clone();
+        cfg.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect("a.test".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let req = Request::get("https://a.test/hold")
+            .header("host", "a.test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let io = TokioIo::new(tls);
+        let pending = if h2 {
+            let (mut s, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            let conn = tokio::spawn(c);
+            let resp = tokio::spawn(async move { s.send_request(req).await });
+            (resp, conn)
+        } else {
+            let (mut s, c) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            let conn = tokio::spawn(c);
+            let resp = tokio::spawn(async move { s.send_request(req).await });
+            (resp, conn)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.origin.request_count() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/hold never reached the origin"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Over HTTP/2 dropping the response future resets the stream; over HTTP/1.1 the
+        // connection goes.
+        pending.0.abort();
+        if !h2 {
+            pending.1.abort();
+        }
+        let _ = pending.0.await;
+        if !h2 {
+            let _ = pending.1.await;
+        }
+    }
+    h.origin.release();
+    let audit = h.finish().await;
+    let reqs = requests(&audit);
+    assert_eq!(
+        reqs.len(),
+        2,
+        "one record per cancelled request: {audit:#?}"
+    );
+    for r in reqs {
+        assert_eq!(r["path"], "/hold", "{r:#}");
+        assert_eq!(r["decision"], "allow", "{r:#}");
+        assert_eq!(r["rule"], "a.test", "{r:#}");
+        assert_eq!(
+            r["error"],
+            "ended before the response: the client went away or the connection was cut off",
+            "{r:#}"
+        );
+    }
+}

@@ -186,14 +186,20 @@ enum Unanswered {
 /// The phases of one request. Each refusal leaves through the same audit as a response, so
 /// every request gets exactly one record.
 async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
-    let audit = RequestAudit::begin(read_head(&req, conn));
-    let host = audit.rec.host.clone();
+    let mut audit = RequestAudit::begin(read_head(&req, conn), conn);
+    let host = audit.host().to_owned();
     let live = conn.conn.sandbox.policy.load_full();
     let admitted = match judge(&req, conn, &live.sandbox, &host) {
         Ok(a) => a,
         Err(refusal) => {
+            audit.decided = Some(Outcome {
+                decision: Decision::Deny,
+                rule: refusal.rule.clone(),
+                reason: Some(refusal.reason.clone()),
+                error: None,
+            });
             drain_refused_body(req.into_body()).await;
-            return audit.refuse(conn, refusal);
+            return audit.refuse(refusal);
         }
     };
     if let Some(rule) = admitted.host_rule {
@@ -202,17 +208,17 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
     let plan = live.secrets.plan(&host);
     let req = match substitute_head(req, &plan) {
         Ok(r) => r,
-        Err(refusal) => return audit.refuse(conn, refusal),
+        Err(refusal) => return audit.refuse(refusal),
     };
+    // From here the request may reach the upstream: should the client give up on it
+    // before the answer (an HTTP/2 reset, a closed connection), it is still audited.
+    audit.decided = Some(admitted.outcome);
     match forward(req, conn, &plan, audit.bytes_up.clone()).await {
-        Ok(resp) => audit.finish(conn, resp, admitted.outcome),
-        Err(Unanswered::Refused(refusal)) => audit.refuse(conn, refusal),
+        Ok(resp) => audit.finish_decided(resp, None),
+        Err(Unanswered::Refused(refusal)) => audit.refuse(refusal),
         Err(Unanswered::Failed(e)) => {
-            let out = Outcome {
-                error: Some(crate::error_chain(&e)),
-                ..admitted.outcome
-            };
-            audit.finish(conn, upstream_failed(&e), out)
+            let error = Some(crate::error_chain(&e));
+            audit.finish_decided(upstream_failed(&e), error)
         }
     }
 }
@@ -397,32 +403,48 @@ fn bridge(client: OnUpgrade, upstream: OnUpgrade) {
 
 /// A request's one audit record: begun from its head, completed with its outcome when the
 /// response head is known, and written when the response body ends or is cut off, so that
-/// it carries the bytes both ways and the whole duration.
-struct RequestAudit {
-    rec: RequestRecord,
+/// it carries the bytes both ways and the whole duration. Dropped unfinished (the client
+/// cancelled the request before its answer), it is written as it stands.
+struct RequestAudit<'a> {
+    conn: &'a ConnInfo,
+    /// Taken when finished; still here on drop means the request was cancelled.
+    rec: Option<RequestRecord>,
     start: Instant,
     /// Request body bytes sent upstream, counted as they stream.
     bytes_up: Arc<AtomicU64>,
+    /// The outcome decided so far.
+    decided: Option<Outcome>,
 }
 
-impl RequestAudit {
-    fn begin(rec: RequestRecord) -> Self {
+/// The error of a request that ended before its answer: its client gave up on it (an HTTP/2
+/// reset, a closed connection), or egress cut the connection off (a drain timeout).
+const CANCELLED: &str =
+    "ended before the response: the client went away or the connection was cut off";
+
+impl<'a> RequestAudit<'a> {
+    fn begin(rec: RequestRecord, conn: &'a ConnInfo) -> Self {
         RequestAudit {
-            rec,
+            conn,
+            rec: Some(rec),
             start: Instant::now(),
             bytes_up: Arc::new(AtomicU64::new(0)),
+            decided: None,
         }
     }
 
+    fn host(&self) -> &str {
+        self.rec.as_ref().map_or("", |r| r.host.as_str())
+    }
+
     /// The 403 for a refusal, audited as a denial.
-    fn refuse(self, conn: &ConnInfo, r: Refusal) -> Response<Body> {
+    fn refuse(self, r: Refusal) -> Response<Body> {
         // A refused TLS server name is what the client asked for; show it rather than the
         // Host header.
         let shown = match r.code {
             DenyCode::HostNotAllowed | DenyCode::Doh => {
-                conn.sni.as_deref().unwrap_or(&self.rec.host)
+                self.conn.sni.as_deref().unwrap_or(self.host())
             }
-            _ => &self.rec.host,
+            _ => self.host(),
         };
         let resp = denied(shown, &r.reason, r.code);
         let out = Outcome {
@@ -431,17 +453,24 @@ impl RequestAudit {
             reason: Some(r.reason),
             error: None,
         };
-        self.finish(conn, resp, out)
+        self.finish(resp, out)
+    }
+
+    /// Finishes with the outcome decided before forwarding, and the upstream's error if any.
+    fn finish_decided(mut self, resp: Response<Body>, error: Option<String>) -> Response<Body> {
+        let decided = self.decided.take().expect("decided before forwarding");
+        let out = Outcome {
+            error: error.or(decided.error),
+            ..decided
+        };
+        self.finish(resp, out)
     }
 
     /// The tracing line goes out now, at debug: the audit log is the record, and formatting
     /// both cost 15-20% of CPU in benchmarks.
-    fn finish(self, conn: &ConnInfo, resp: Response<Body>, out: Outcome) -> Response<Body> {
-        let RequestAudit {
-            mut rec,
-            start,
-            bytes_up,
-        } = self;
+    fn finish(mut self, resp: Response<Body>, out: Outcome) -> Response<Body> {
+        let mut rec = self.rec.take().expect("a request is finished once");
+        let (start, bytes_up, conn) = (self.start, self.bytes_up.clone(), self.conn);
         let (shared, sb, meta) = (&conn.conn.shared, &conn.conn.sandbox, &conn.conn.meta);
         rec.status = resp.status().as_u16();
         rec.decision = out.decision;
@@ -488,5 +517,26 @@ impl RequestAudit {
             )
             .boxed()
         })
+    }
+}
+
+impl Drop for RequestAudit<'_> {
+    fn drop(&mut self) {
+        let Some(mut rec) = self.rec.take() else {
+            return;
+        };
+        let (shared, sb) = (&self.conn.conn.shared, &self.conn.conn.sandbox);
+        let decided = self.decided.take();
+        rec.decision = decided.as_ref().map_or(Decision::Error, |o| o.decision);
+        if let Some(o) = decided {
+            rec.rule = o.rule;
+            rec.reason = o.reason;
+        }
+        rec.error = Some(CANCELLED.into());
+        rec.bytes_up = self.bytes_up.load(Ordering::Relaxed);
+        rec.duration_ms = self.start.elapsed().as_millis() as u64;
+        debug!(sandbox = %sb.name, host = %rec.host, path = %rec.path, "{CANCELLED}");
+        sb.counters.requests.add(rec.decision);
+        shared.audit.record(&Record::Request(rec));
     }
 }
