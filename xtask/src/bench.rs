@@ -18,6 +18,7 @@ mod install;
 mod parse;
 mod peers;
 mod report;
+pub mod soak;
 mod sys;
 
 use std::{

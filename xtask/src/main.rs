@@ -70,6 +70,18 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         egress_bin: Option<PathBuf>,
     },
+    /// Soak egress under hostile load on loopback (idle connections by the thousand,
+    /// slowloris, header bombs, malformed TLS, HTTP/2 rapid reset and CONTINUATION floods)
+    /// beside a steady client; fails unless egress holds. Writes target/bench/SOAK.md and the
+    /// soak section of BENCHMARKS.md. Needs root; stops by itself (about 2 minutes).
+    Soak {
+        /// About a minute, 2,000 idle connections; writes target/bench/SOAK.quick.md only.
+        #[arg(long)]
+        quick: bool,
+        /// Use this egress binary instead of building one.
+        #[arg(long, value_name = "PATH")]
+        egress_bin: Option<PathBuf>,
+    },
     /// Side-by-side benchmarks of egress, direct, mitmproxy and Squid; writes BENCHMARKS.md.
     /// Installs its peers on first use. Needs root.
     Bench {
@@ -154,6 +166,9 @@ fn main() -> Result<()> {
             let tag = deploy::image(&bin, &tag)?;
             println!("{tag}");
             Ok(())
+        }
+        Cmd::Soak { quick, egress_bin } => {
+            bench::soak::run(bench::soak::Options { quick, egress_bin })
         }
         Cmd::Bench {
             internal: Some(job),

@@ -32,6 +32,8 @@ use tokio_rustls::TlsConnector;
 
 use super::parse::{self, Summary};
 
+pub mod hostile;
+
 /// Longest any single connect, handshake or exchange may take before it counts as an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,6 +98,8 @@ pub enum Job {
         concurrency: usize,
         secs: f64,
     },
+    /// `cargo xtask soak`: a steady client alone, then beside hostile ones.
+    Soak(hostile::Plan),
     /// Transparent byte relay: the original destination from SO_ORIGINAL_DST (or `fallback`
     /// when the connection was addressed to the relay itself). Runs until killed.
     Relay {
@@ -206,6 +210,7 @@ pub fn run(job_json: &str) -> Result<()> {
             concurrency,
             secs,
         } => serde_json::to_string(&rt.block_on(connect_loop(addr, concurrency, secs)))?,
+        Job::Soak(plan) => serde_json::to_string(&hostile::run(plan)?)?,
         Job::Relay { listen, fallback } => {
             // One worker thread, like the proxies under test.
             let rt = tokio::runtime::Builder::new_multi_thread()
