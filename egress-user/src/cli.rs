@@ -578,6 +578,7 @@ impl RunArgs {
                 no_fronting_guard: self.no_guard.contains(&GuardName::DomainFronting),
                 no_doh_guard: self.no_guard.contains(&GuardName::Doh),
                 dns_pinning: self.dns_pinning,
+                audience: crate::policy::hint::Audience::Run { file: false },
             },
             audit: self.audit.sink(&self.tls.confdir),
             audit_query: self.audit.audit_query,

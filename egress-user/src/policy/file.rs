@@ -315,6 +315,7 @@ impl Source<'_> {
             remove_headers,
             // Set by `merge`, once the defaults' rules have been appended.
             index: 0,
+            from_defaults: false,
         })
     }
 
@@ -447,9 +448,11 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
             .unwrap_or(true),
         doh: own.doh.or(d.and_then(|d| d.doh)).unwrap_or(true),
     };
+    let own_rules = own.rules.len();
     let mut rules = cat(own.rules, d.map(|d| &d.rules));
     for (i, r) in rules.iter_mut().enumerate() {
         r.index = i;
+        r.from_defaults = i >= own_rules;
     }
     let mut secrets = own.secrets;
     let inherited: Vec<_> = d
@@ -481,6 +484,7 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
             .dns_pinning
             .or(d.and_then(|d| d.dns_pinning))
             .unwrap_or(false),
+        audience: Default::default(),
     }
 }
 
