@@ -47,6 +47,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Log(args) => log_view(args),
+        Command::Policy(egress_user::cli::PolicyCommand::Suggest(args)) => {
+            match app::policy_suggest(&args) {
+                Ok(out) => {
+                    print!("{out}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("egress: {}", error_chain(&e));
+                    e.exit_code()
+                }
+            }
+        }
         Command::Policy(egress_user::cli::PolicyCommand::Check { file }) => {
             match app::policy_check(&file) {
                 Ok(out) => {

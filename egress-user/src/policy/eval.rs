@@ -54,7 +54,7 @@ impl SandboxPolicy {
         };
         if let Some(rule) = find(&self.deny) {
             return HostDecision::Deny {
-                reason: "host is on the deny list",
+                reason: DENY_LIST_REASON,
                 rule,
             };
         }
@@ -244,6 +244,9 @@ pub const DOH_RESOLVERS: &[&str] = &[
     "2620:fe::fe",
     "2620:fe::9",
 ];
+
+/// The reason of a refusal by the deny list.
+pub const DENY_LIST_REASON: &str = "host is on the deny list";
 
 /// The `rule` of a refusal by the DoH guard.
 pub const DOH_RULE: &str = "guard:doh";

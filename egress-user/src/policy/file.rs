@@ -541,7 +541,7 @@ fn parse_header_name(s: &str) -> Result<HeaderName, String> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy::HostDecision;
 
@@ -559,7 +559,7 @@ pub(super) mod tests {
             .expect("sandbox agent is defined")
     }
 
-    pub(in crate::policy) fn pats(list: &[&str]) -> Vec<HostPattern> {
+    pub(crate) fn pats(list: &[&str]) -> Vec<HostPattern> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
