@@ -478,10 +478,11 @@ impl Audit {
         }
     }
 
-    /// Feeds every later record of `session.name`'s sandbox to its learner.
+    /// Feeds every later record of `session.name`'s sandbox to its learner. A sandbox that
+    /// already learns keeps what it learned.
     pub fn start_learning(&self, session: crate::learn::Session) {
         let mut s = self.learning.sessions();
-        s.insert(session.name.clone(), session);
+        s.entry(session.name.clone()).or_insert(session);
         self.learning.any.store(true, Ordering::Release);
     }
 

@@ -190,7 +190,7 @@ pub enum SandboxCommand {
     /// Put a cgroup (and everything below it) under a policy; returns once its next connect
     /// is captured.
     #[command(
-        after_help = "Examples:\n  sudo egress sandbox add agent-a --cgroup agents/a --policy agent\n  sudo egress sandbox add web --cgroup docker/3f1c... --pid 4242 --strict\n  sudo egress sandbox add lab --cgroup lab --netns /var/run/netns/lab --upstream host"
+        after_help = "Examples:\n  sudo egress sandbox add agent-a --cgroup agents/a --policy agent\n  sudo egress sandbox add web --cgroup docker/3f1c... --pid 4242 --strict\n  sudo egress sandbox add lab --cgroup lab --netns /var/run/netns/lab --upstream host\n  # Learn mode: the policy of what it did is written when it is removed\n  sudo egress sandbox add trial --cgroup agents/t --learn /var/lib/egress/trial.toml"
     )]
     Add(Box<SandboxAddArgs>),
     /// Remove a sandbox: its cgroup is no longer captured; its connections drain first.
@@ -254,6 +254,13 @@ pub struct SandboxAddArgs {
     /// Turn a default guard off (repeatable).
     #[arg(long = "no-guard", value_name = "GUARD", value_enum)]
     pub no_guard: Vec<GuardName>,
+    /// Learn mode: warn, and write a policy of what the sandbox did to FILE when it is
+    /// removed or the daemon stops.
+    #[arg(long, value_name = "FILE")]
+    pub learn: Option<PathBuf>,
+    /// With --learn: siblings of one parent domain before `*.parent` is suggested.
+    #[arg(long, value_name = "N", requires = "learn", value_parser = parse_wildcard_min)]
+    pub learn_wildcard_min: Option<usize>,
     #[command(flatten)]
     pub api: ApiArgs,
 }

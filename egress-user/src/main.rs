@@ -237,6 +237,14 @@ async fn sandbox_cmd(cmd: egress_user::cli::SandboxCommand) -> Result<String, Cl
                     serde_json::to_value(&a.no_guard).unwrap_or_default(),
                 );
             }
+            if let Some(f) = a.learn {
+                // The daemon runs elsewhere: a relative path means the caller's directory.
+                let f = std::path::absolute(&f).unwrap_or(f);
+                o.insert("learn".into(), f.display().to_string().into());
+            }
+            if let Some(n) = a.learn_wildcard_min {
+                o.insert("learn_wildcard_min".into(), n.into());
+            }
             let v = call(&a.api.api, Method::POST, "/v1/sandboxes", Some(body)).await?;
             Ok(format!(
                 "added {} (id {}, cgroup {}, netns {})\n",
