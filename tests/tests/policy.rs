@@ -591,7 +591,12 @@ fn deny_bodies_say_what_would_allow_the_request() {
         "[sandbox.run]\nallow = [\"origin.test\"]\n[[sandbox.run.rule]]\nhost = \"origin.test\"\nmethods = [\"GET\"]\n",
     );
     let curl = |extra: &[&str]| {
-        let mut v = vec!["curl".to_string(), "-sS".into(), "-w".into(), "%{http_code}\n".into()];
+        let mut v = vec![
+            "curl".to_string(),
+            "-sS".into(),
+            "-w".into(),
+            "%{http_code}\n".into(),
+        ];
         for name in ["origin.test", "other.test"] {
             v.push("--resolve".into());
             v.push(format!("{name}:443:{}", s.ip));
@@ -609,7 +614,12 @@ fn deny_bodies_say_what_would_allow_the_request() {
     let f = run(&args, &cmd);
     let bodies = deny_bodies(&f);
     assert_eq!(bodies.len(), 3, "{f:#?}");
-    let hint = |i: usize| bodies[i]["hint"].as_str().unwrap_or_else(|| panic!("no hint: {}", bodies[i])).to_owned();
+    let hint = |i: usize| {
+        bodies[i]["hint"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no hint: {}", bodies[i]))
+            .to_owned()
+    };
     // `egress run` with a policy file: the file's section and the flag.
     assert_eq!(bodies[0]["host"], "other.test");
     assert_eq!(
