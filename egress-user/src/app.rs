@@ -68,6 +68,8 @@ pub enum Error {
     Policy(#[from] crate::policy::CompileError),
     #[error(transparent)]
     DnsUpstream(#[from] dns::upstream::ConfigError),
+    #[error(transparent)]
+    Learn(#[from] crate::learn::ReadError),
     #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
@@ -86,9 +88,11 @@ impl Error {
             Error::Bpf(bpf::Error::Load(_)) | Error::Bpf(bpf::Error::NotEmbedded) => UNAVAILABLE,
             Error::Command(e) => e.exit_code(),
             // A CA or trust file the operator named that cannot be used is a usage error.
-            Error::Ca(_) | Error::UpstreamTls(_) | Error::Policy(_) | Error::DnsUpstream(_) => {
-                USAGE
-            }
+            Error::Ca(_)
+            | Error::UpstreamTls(_)
+            | Error::Policy(_)
+            | Error::DnsUpstream(_)
+            | Error::Learn(_) => USAGE,
             _ => SOFTWARE,
         }
     }
@@ -286,6 +290,14 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         "DNS queries are forwarded to these resolvers"
     );
     let policy_name = cfg.sandbox.clone();
+    if let Some((out, opts)) = &cfg.learn {
+        node.shared.audit.start_learning(crate::learn::Session {
+            learner: crate::learn::Learner::new(*opts),
+            out: out.clone(),
+            name: RUN_SANDBOX_NAME.to_owned(),
+            command: crate::learn::command_line(),
+        });
+    }
     let sandbox = Sandbox::add(
         &node.shared,
         &node.kernel,
@@ -406,6 +418,12 @@ impl Bound {
             k(egress_common::Counter::StrictDropped),
         );
         node.shutdown().await;
+        // Every record is in, the kernel's last refusals too.
+        if let Some(s) = node.shared.audit.stop_learning(RUN_SANDBOX_NAME) {
+            if let Err(e) = s.write() {
+                tracing::error!(file = %s.out.display(), error = %e, "cannot write the learned policy");
+            }
+        }
         let events_lost = node
             .shared
             .metrics
@@ -498,6 +516,36 @@ pub fn ca(cmd: crate::cli::CaCommand) -> Result<String, Error> {
         CaCommand::Path(_) => format!("{}\n", path.display()),
         CaCommand::Fingerprint(_) => format!("{}\n", ca.fingerprint_sha256()),
     })
+}
+
+/// `egress policy suggest AUDIT`: the policy (printed, or written to `-o` and its path
+/// printed), or the error naming the file and line (exit 64).
+pub fn policy_suggest(args: &crate::cli::SuggestArgs) -> Result<String, Error> {
+    use crate::learn;
+    let opts = learn::Options {
+        wildcard_min: args.learn_wildcard_min,
+    };
+    let learners = learn::read_audit(&args.audit, args.sandbox.as_deref(), opts)?;
+    let mut text = learn::header("policy suggest", &learn::command_line());
+    for (i, (name, l)) in learners.iter().enumerate() {
+        if i > 0 {
+            text.push('\n');
+        }
+        text.push_str(&l.render(name, ""));
+    }
+    match &args.output {
+        None => Ok(text),
+        Some(out) => {
+            let io = |source| Error::Io {
+                what: "write",
+                path: out.clone(),
+                source,
+            };
+            crate::cli::check_learn_output(out).map_err(|why| io(std::io::Error::other(why)))?;
+            learn::write_atomically(out, &text).map_err(io)?;
+            Ok(format!("{}\n", out.display()))
+        }
+    }
 }
 
 /// `egress policy check FILE`: a one-line summary, or the error (exit 64).

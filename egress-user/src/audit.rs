@@ -295,6 +295,33 @@ pub struct Audit {
     dropped: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
     queue: Arc<Queue>,
+    learning: Arc<Learning>,
+}
+
+/// Sandboxes in learn mode: each record of theirs also feeds their learner
+/// ([`crate::learn`]), exactly as `egress policy suggest` would read it from the log.
+#[derive(Default)]
+struct Learning {
+    /// Whether any sandbox learns: records skip the lock otherwise.
+    any: std::sync::atomic::AtomicBool,
+    sessions: std::sync::Mutex<std::collections::HashMap<String, crate::learn::Session>>,
+}
+
+impl Learning {
+    fn sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::learn::Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn feed(&self, line: &[u8]) {
+        let Ok(o) = serde_json::from_slice::<crate::learn::Observation>(line) else {
+            return;
+        };
+        if let Some(s) = self.sessions().get_mut(&o.sandbox) {
+            s.learner.observe(&o);
+        }
+    }
 }
 
 /// The bytes between [`Audit::record`] and the writer's last completed write.
@@ -396,6 +423,7 @@ impl Audit {
                 dropped,
                 written,
                 queue,
+                learning: Default::default(),
             },
             AuditWriter { thread },
         ))
@@ -411,6 +439,9 @@ impl Audit {
                 return;
             }
         };
+        if self.learning.any.load(Ordering::Acquire) {
+            self.learning.feed(&line);
+        }
         line.push(b'\n');
         let n = line.len() as u64;
         self.queue.used.fetch_add(n, Ordering::AcqRel);
@@ -445,6 +476,29 @@ impl Audit {
             }
             notified.await;
         }
+    }
+
+    /// Feeds every later record of `session.name`'s sandbox to its learner. A sandbox that
+    /// already learns keeps what it learned.
+    pub fn start_learning(&self, session: crate::learn::Session) {
+        let mut s = self.learning.sessions();
+        s.entry(session.name.clone()).or_insert(session);
+        self.learning.any.store(true, Ordering::Release);
+    }
+
+    /// Stops learning for `sandbox`; returns what was learned.
+    pub fn stop_learning(&self, sandbox: &str) -> Option<crate::learn::Session> {
+        let mut s = self.learning.sessions();
+        let out = s.remove(sandbox);
+        self.learning.any.store(!s.is_empty(), Ordering::Release);
+        out
+    }
+
+    /// Stops learning for every sandbox.
+    pub fn stop_all_learning(&self) -> Vec<crate::learn::Session> {
+        let mut s = self.learning.sessions();
+        self.learning.any.store(false, Ordering::Release);
+        s.drain().map(|(_, v)| v).collect()
     }
 
     /// Bytes of records queued and not yet written.

@@ -28,6 +28,9 @@ Examples:
   sudo egress run --allow api.example.com --dns-pinning --strict -- ./agent
   sudo egress run --dns-upstream 10.0.0.2 --allow '*.internal.example' -- ./agent
   sudo egress run --allow-inbound 8080 -- python3 -m http.server 8080
+  # Learn a policy from one run (warn mode), then enforce it
+  sudo egress run --learn agent.toml -- ./agent
+  sudo egress run --policy agent.toml -- ./agent
 
 What the sandbox may do:
   TCP to an intercepted port (80 and 443 unless --intercept-port is given) goes to the proxy.
@@ -187,7 +190,7 @@ pub enum SandboxCommand {
     /// Put a cgroup (and everything below it) under a policy; returns once its next connect
     /// is captured.
     #[command(
-        after_help = "Examples:\n  sudo egress sandbox add agent-a --cgroup agents/a --policy agent\n  sudo egress sandbox add web --cgroup docker/3f1c... --pid 4242 --strict\n  sudo egress sandbox add lab --cgroup lab --netns /var/run/netns/lab --upstream host"
+        after_help = "Examples:\n  sudo egress sandbox add agent-a --cgroup agents/a --policy agent\n  sudo egress sandbox add web --cgroup docker/3f1c... --pid 4242 --strict\n  sudo egress sandbox add lab --cgroup lab --netns /var/run/netns/lab --upstream host\n  # Learn mode: the policy of what it did is written when it is removed\n  sudo egress sandbox add trial --cgroup agents/t --learn /var/lib/egress/trial.toml"
     )]
     Add(Box<SandboxAddArgs>),
     /// Remove a sandbox: its cgroup is no longer captured; its connections drain first.
@@ -251,6 +254,13 @@ pub struct SandboxAddArgs {
     /// Turn a default guard off (repeatable).
     #[arg(long = "no-guard", value_name = "GUARD", value_enum)]
     pub no_guard: Vec<GuardName>,
+    /// Learn mode: warn, and write a policy of what the sandbox did to FILE when it is
+    /// removed or the daemon stops.
+    #[arg(long, value_name = "FILE")]
+    pub learn: Option<PathBuf>,
+    /// With --learn: siblings of one parent domain before `*.parent` is suggested.
+    #[arg(long, value_name = "N", requires = "learn", value_parser = parse_wildcard_min)]
+    pub learn_wildcard_min: Option<usize>,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -355,6 +365,15 @@ pub struct RunArgs {
     /// Warn mode: log what would be refused, and let it through.
     #[arg(long)]
     pub warn: bool,
+    /// Learn mode: run in warn mode and, when the command exits, write to FILE a commented
+    /// policy allowing what it did (hosts, methods and paths, tcp destinations); see
+    /// `egress policy suggest` for the same from an audit log.
+    #[arg(long, value_name = "FILE")]
+    pub learn: Option<PathBuf>,
+    /// With --learn: suggest `*.parent` once this many sibling names of one parent domain
+    /// were seen (never over a one-label parent such as `com`).
+    #[arg(long, value_name = "N", requires = "learn", default_value_t = crate::learn::DEFAULT_WILDCARD_MIN, value_parser = parse_wildcard_min)]
+    pub learn_wildcard_min: usize,
     /// Turn off a guard that is on by default: `private-ranges` (refuse loopback,
     /// link-local, metadata and private destinations), `domain-fronting` (refuse requests
     /// whose TLS server name and Host differ) or `doh` (refuse well-known DNS-over-HTTPS
@@ -429,6 +448,49 @@ pub enum PolicyCommand {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Write a policy allowing what an audit log (JSONL, from --audit) shows each sandbox
+    /// doing: the same builder as `egress run --learn`.
+    #[command(after_help = SUGGEST_EXAMPLES)]
+    Suggest(SuggestArgs),
+}
+
+const SUGGEST_EXAMPLES: &str = "\
+Examples:
+  # What did the agent do last time? A policy for it, on standard output
+  egress policy suggest /var/lib/egress/audit.jsonl --sandbox agent
+
+  # Written to a file, then checked
+  egress policy suggest audit.jsonl -o agent.toml && egress policy check agent.toml
+
+  # Suggest *.example.com only once 5 of its names were seen
+  egress policy suggest audit.jsonl --learn-wildcard-min 5
+
+Without --sandbox, every sandbox of the log gets its own [sandbox.NAME] section
+(`egress run` records its sandbox as `run`).";
+
+#[derive(Debug, Args)]
+pub struct SuggestArgs {
+    /// Audit log (JSON lines), or `-` for standard input.
+    #[arg(value_name = "AUDIT.jsonl")]
+    pub audit: PathBuf,
+    /// Only this sandbox's records.
+    #[arg(long, value_name = "NAME")]
+    pub sandbox: Option<String>,
+    /// Write the policy here (atomically) instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Suggest `*.parent` once this many sibling names of one parent domain were seen.
+    #[arg(long, value_name = "N", default_value_t = crate::learn::DEFAULT_WILDCARD_MIN, value_parser = parse_wildcard_min)]
+    pub learn_wildcard_min: usize,
+}
+
+fn parse_wildcard_min(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 2 => Ok(n),
+        _ => Err(format!(
+            "{s:?}: give a number of sibling names, 2 or more (a wildcard over one name is that name)"
+        )),
+    }
 }
 
 /// The user the sandboxed command runs as.
@@ -514,6 +576,8 @@ pub struct RunConfig {
     pub strict: bool,
     pub user: SandboxUser,
     pub command: Vec<OsString>,
+    /// `--learn`: where the learned policy goes, and its options.
+    pub learn: Option<(PathBuf, crate::learn::Options)>,
 }
 
 /// A flag that parsed but makes no sense; reported with the flag's name, exit code 64.
@@ -563,6 +627,20 @@ impl RunArgs {
             });
         }
         let user = resolve_user(self.user.as_deref())?;
+        if let Some(out) = &self.learn {
+            check_learn_output(out).map_err(|why| UsageError {
+                flag: "--learn",
+                why,
+            })?;
+        }
+        let learn = self.learn.map(|out| {
+            (
+                out,
+                crate::learn::Options {
+                    wildcard_min: self.learn_wildcard_min,
+                },
+            )
+        });
         Ok(RunConfig {
             policy_file: self.policy,
             sandbox: self.sandbox,
@@ -573,11 +651,12 @@ impl RunArgs {
                 tcp: allow_tcp,
                 inbound: self.allow_inbound,
                 private_ok: self.private_ok,
-                warn: self.warn,
+                warn: self.warn || learn.is_some(),
                 no_private_guard: self.no_guard.contains(&GuardName::PrivateRanges),
                 no_fronting_guard: self.no_guard.contains(&GuardName::DomainFronting),
                 no_doh_guard: self.no_guard.contains(&GuardName::Doh),
                 dns_pinning: self.dns_pinning,
+                audience: crate::policy::hint::Audience::Run { file: false },
             },
             audit: self.audit.sink(&self.tls.confdir),
             audit_query: self.audit.audit_query,
@@ -589,7 +668,26 @@ impl RunArgs {
             strict: self.strict,
             user,
             command: self.command,
+            learn,
         })
+    }
+}
+
+/// Where a learned policy may go: a file (not a directory) in an existing directory.
+pub fn check_learn_output(out: &std::path::Path) -> Result<(), String> {
+    if out.is_dir() {
+        return Err(format!(
+            "{} is a directory; name the policy file to write",
+            out.display()
+        ));
+    }
+    match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => Err(format!(
+            "{}: its directory {} does not exist",
+            out.display(),
+            d.display()
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -625,6 +625,20 @@ impl Daemon {
             adopted_links = sandbox.adopted_links(),
             "sandbox registered"
         );
+        if let Some(out) = &decl.learn {
+            inner
+                .node
+                .shared
+                .audit
+                .start_learning(crate::learn::Session {
+                    learner: crate::learn::Learner::new(crate::learn::Options {
+                        wildcard_min: decl.learn_wildcard_min,
+                    }),
+                    out: out.clone(),
+                    name: decl.name.clone(),
+                    command: format!("egress daemon, sandbox {} (learn = {:?})", decl.name, out),
+                });
+        }
         table.entries.insert(
             decl.name.clone(),
             Entry {
@@ -879,6 +893,7 @@ impl Daemon {
             }
             None => 0,
         };
+        self.finish_learning(name);
         info!(sandbox = name, cut, "sandbox removed");
         Ok(RemoveReport {
             name: name.to_owned(),
@@ -1077,6 +1092,16 @@ impl Daemon {
         for e in removed {
             e.sandbox.remove(Duration::ZERO).await;
             close_net(e.net).await;
+            self.finish_learning(&e.saved.decl.name);
+        }
+    }
+
+    /// Writes the learned policy of a sandbox in learn mode, once it is gone.
+    fn finish_learning(&self, name: &str) {
+        if let Some(s) = self.inner.node.shared.audit.stop_learning(name) {
+            if let Err(e) = s.write() {
+                error!(sandbox = name, file = %s.out.display(), error = %e, "cannot write the learned policy");
+            }
         }
     }
 
@@ -1138,6 +1163,11 @@ impl Daemon {
             }
         }
         let dropped = self.inner.node.shutdown().await;
+        for s in self.inner.node.shared.audit.stop_all_learning() {
+            if let Err(e) = s.write() {
+                error!(sandbox = %s.name, file = %s.out.display(), error = %e, "cannot write the learned policy");
+            }
+        }
         if detach {
             bpf::remove_pin_dir(&self.inner.pin_root);
         }
@@ -1219,7 +1249,7 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn flags(decl: &SandboxDecl) -> PolicyFlags {
     PolicyFlags {
-        warn: decl.warn,
+        warn: decl.warn || decl.learn.is_some(),
         dns_pinning: decl.dns_pinning,
         no_private_guard: decl.no_guard.contains(&GuardName::PrivateRanges),
         no_fronting_guard: decl.no_guard.contains(&GuardName::DomainFronting),

@@ -32,7 +32,7 @@ use crate::{
     addr::{self, ClientAddr, ListenAddr},
     audit::{Decision, DnsRecord, Record, Who},
     netns,
-    policy::{HostDecision, Mode},
+    policy::{hint::Fix, HostDecision, Mode},
     records,
     state::{ListenStats, SandboxState, Shared},
 };
@@ -340,17 +340,18 @@ async fn answer(shared: &Shared, who: &Asker, raw: &[u8]) -> Option<Vec<u8>> {
             None
         }
         HostDecision::Deny { reason, rule } => {
+            let fix = Fix::for_host(&q.name, &rule);
             rec.rule = rule;
-            Some(reason)
+            Some((reason, fix))
         }
     };
-    if let Some(reason) = refusal {
+    if let Some((reason, fix)) = refusal {
         rec.reason = Some(reason.to_owned());
         if live.sandbox.mode != Mode::Warn {
             rec.decision = Decision::Deny;
             rec.rcode = message::rcode_name(ResponseCode::NXDomain);
             finish(rec);
-            let text = format!("egress: {reason}");
+            let text = format!("egress: {reason}; {}", fix.hint(&live.sandbox));
             return Some(message::refuse(
                 &q,
                 ResponseCode::NXDomain,

@@ -19,6 +19,7 @@ pub mod dns;
 pub mod docker;
 pub mod events;
 pub mod gc;
+pub mod learn;
 pub mod listen;
 pub mod located;
 pub mod netns;

@@ -47,6 +47,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Log(args) => log_view(args),
+        Command::Policy(egress_user::cli::PolicyCommand::Suggest(args)) => {
+            match app::policy_suggest(&args) {
+                Ok(out) => {
+                    print!("{out}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("egress: {}", error_chain(&e));
+                    e.exit_code()
+                }
+            }
+        }
         Command::Policy(egress_user::cli::PolicyCommand::Check { file }) => {
             match app::policy_check(&file) {
                 Ok(out) => {
@@ -224,6 +236,14 @@ async fn sandbox_cmd(cmd: egress_user::cli::SandboxCommand) -> Result<String, Cl
                     "no_guard".into(),
                     serde_json::to_value(&a.no_guard).unwrap_or_default(),
                 );
+            }
+            if let Some(f) = a.learn {
+                // The daemon runs elsewhere: a relative path means the caller's directory.
+                let f = std::path::absolute(&f).unwrap_or(f);
+                o.insert("learn".into(), f.display().to_string().into());
+            }
+            if let Some(n) = a.learn_wildcard_min {
+                o.insert("learn_wildcard_min".into(), n.into());
             }
             let v = call(&a.api.api, Method::POST, "/v1/sandboxes", Some(body)).await?;
             Ok(format!(

@@ -16,11 +16,13 @@
 mod eval;
 pub mod file;
 mod glob;
+pub mod hint;
 mod model;
 
 pub use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
 pub use eval::{
-    is_doh_resolver, is_guarded_address, HostDecision, RequestDecision, DOH_RESOLVERS, DOH_RULE,
+    is_doh_resolver, is_guarded_address, HostDecision, RequestDecision, DENY_LIST_REASON,
+    DOH_RESOLVERS, DOH_RULE,
 };
 pub use glob::PathGlob;
 pub use model::{Guards, HostRule, Mode, PolicyFile, SandboxPolicy, SecretSource, SecretSpec};
@@ -40,6 +42,8 @@ pub struct PolicyFlags {
     pub no_fronting_guard: bool,
     pub no_doh_guard: bool,
     pub dns_pinning: bool,
+    /// Who configures the sandbox: what refusal hints name.
+    pub audience: hint::Audience,
 }
 
 /// What the data path consults: one sandbox's compiled policy and its loaded secrets.
@@ -94,6 +98,7 @@ pub fn compile(
             rules: vec![],
             secrets: vec![],
             dns_pinning: false,
+            audience: Default::default(),
         },
         Some(path) => {
             let mut f = file::load(path)?;
@@ -143,6 +148,12 @@ pub fn compile(
     if flags.dns_pinning {
         sandbox.dns_pinning = true;
     }
+    sandbox.audience = match flags.audience {
+        hint::Audience::Run { .. } => hint::Audience::Run {
+            file: path.is_some(),
+        },
+        a => a,
+    };
     let mut secrets = Vec::new();
     for spec in &sandbox.secrets {
         let err = |source| CompileError::Secret {

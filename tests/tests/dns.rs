@@ -510,6 +510,14 @@ fn dig_and_nslookup_see_the_resolver_they_asked() {
         "dig sends EDNS, so the refusal carries EDE 15 (Blocked):\n{}",
         out[1]
     );
+    // Its text says what would allow the name: the flag of `egress run`.
+    assert!(
+        out[1].contains(
+            "egress: host is not in the allowlist; to allow it, run with --allow evil.dns.test"
+        ),
+        "the EDE text names the flag that would allow the name:\n{}",
+        out[1]
+    );
     dig(out[2]).assert(
         "NOERROR",
         &other_dig,

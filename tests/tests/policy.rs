@@ -574,3 +574,76 @@ fn flags_extend_and_override_the_file() {
         "the deny rule is named"
     );
 }
+
+/// The JSON bodies of the 403s curl printed (one per line, before the status line).
+fn deny_bodies(f: &Finished) -> Vec<Value> {
+    f.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["error"] == "egress_denied")
+        .collect()
+}
+
+#[test]
+fn deny_bodies_say_what_would_allow_the_request() {
+    let s = site("127.0.71.2");
+    let mut args = s.policy(
+        "[sandbox.run]\nallow = [\"origin.test\"]\n[[sandbox.run.rule]]\nhost = \"origin.test\"\nmethods = [\"GET\"]\n",
+    );
+    let curl = |extra: &[&str]| {
+        let mut v = vec![
+            "curl".to_string(),
+            "-sS".into(),
+            "-w".into(),
+            "%{http_code}\n".into(),
+        ];
+        for name in ["origin.test", "other.test"] {
+            v.push("--resolve".into());
+            v.push(format!("{name}:443:{}", s.ip));
+        }
+        v.extend(extra.iter().map(|a| a.to_string()));
+        sh(&v)
+    };
+    let script = [
+        curl(&["https://other.test/hello"]),
+        curl(&["-X", "POST", "https://origin.test/hello"]),
+        curl(&["https://origin.test/hello"]),
+    ]
+    .join("; ");
+    let cmd = vec!["sh".to_string(), "-c".into(), script.clone()];
+    let f = run(&args, &cmd);
+    let bodies = deny_bodies(&f);
+    assert_eq!(bodies.len(), 3, "{f:#?}");
+    let hint = |i: usize| {
+        bodies[i]["hint"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no hint: {}", bodies[i]))
+            .to_owned()
+    };
+    // `egress run` with a policy file: the file's section and the flag.
+    assert_eq!(bodies[0]["host"], "other.test");
+    assert_eq!(
+        hint(0),
+        "to allow it, add \"other.test\" to allow in [sandbox.run], or run with --allow other.test"
+    );
+    assert_eq!(
+        hint(1),
+        "to allow it, add \"POST\" to methods of the rule with host = \"origin.test\" ([[sandbox.run.rule]] number 1)"
+    );
+    assert_eq!(
+        hint(2),
+        "to allow it, add \"127.0.71.2\" to private_ok in [sandbox.run], or run with --private-ok 127.0.71.2"
+    );
+    assert!(s.origin.requests().is_empty());
+
+    // Following the hints lets all three through.
+    args.extend(["--allow", "other.test", "--private-ok", "127.0.71.2"].map(String::from));
+    std::fs::write(
+        s.policy_path(),
+        "[sandbox.run]\nallow = [\"origin.test\"]\n[[sandbox.run.rule]]\nhost = \"origin.test\"\nmethods = [\"GET\", \"POST\"]\n",
+    )
+    .unwrap();
+    let f = run(&args, &cmd);
+    assert!(deny_bodies(&f).is_empty(), "{f:#?}");
+    assert_eq!(s.origin.requests().len(), 3, "{f:#?}");
+}

@@ -99,6 +99,13 @@ pub struct SandboxDecl {
     pub warn: bool,
     pub dns_pinning: bool,
     pub no_guard: Vec<GuardName>,
+    /// Learn mode: warn, and write a policy of what the sandbox did to this file when it is
+    /// removed or the daemon stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learn: Option<PathBuf>,
+    /// Siblings of one parent domain before `*.parent` is suggested.
+    #[serde(default = "default_wildcard_min")]
+    pub learn_wildcard_min: usize,
     /// A Docker container to resolve into `cgroup` and `netns` (by its init pid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<String>,
@@ -113,6 +120,10 @@ pub struct PodRef {
     pub uid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+}
+
+fn default_wildcard_min() -> usize {
+    crate::learn::DEFAULT_WILDCARD_MIN
 }
 
 impl SandboxDecl {
@@ -137,6 +148,8 @@ pub struct SandboxRequest {
     pub warn: Option<bool>,
     pub dns_pinning: Option<bool>,
     pub no_guard: Option<Vec<String>>,
+    pub learn: Option<String>,
+    pub learn_wildcard_min: Option<usize>,
     pub docker: Option<String>,
     pub pod_uid: Option<String>,
     pub container: Option<String>,
@@ -266,6 +279,32 @@ impl SandboxRequest {
             })?;
             no_guard.push(parsed);
         }
+        let learn = match self.learn {
+            None => None,
+            Some(f) => {
+                let p = PathBuf::from(&f);
+                if !p.is_absolute() {
+                    return Err(field(
+                        "learn",
+                        format!(
+                            "{f:?} is not an absolute path (the daemon's directory is not yours)"
+                        ),
+                    ));
+                }
+                crate::cli::check_learn_output(&p).map_err(|m| field("learn", m))?;
+                Some(p)
+            }
+        };
+        let learn_wildcard_min = match self.learn_wildcard_min {
+            None => crate::learn::DEFAULT_WILDCARD_MIN,
+            Some(n) if n >= 2 => n,
+            Some(n) => {
+                return Err(field(
+                    "learn_wildcard_min",
+                    format!("{n}: give a number of sibling names, 2 or more"),
+                ))
+            }
+        };
         Ok(SandboxDecl {
             name,
             cgroup,
@@ -277,6 +316,8 @@ impl SandboxRequest {
             warn: self.warn.unwrap_or(false),
             dns_pinning: self.dns_pinning.unwrap_or(false),
             no_guard,
+            learn,
+            learn_wildcard_min,
             docker: self.docker,
             pod: self.pod_uid.map(|uid| PodRef {
                 uid,
@@ -391,6 +432,8 @@ struct RawSandbox {
     warn: Option<Spanned<bool>>,
     dns_pinning: Option<Spanned<bool>>,
     no_guard: Option<Spanned<Vec<String>>>,
+    learn: Option<Spanned<String>>,
+    learn_wildcard_min: Option<Spanned<usize>>,
     docker: Option<Spanned<String>>,
     pod_uid: Option<Spanned<String>>,
     container: Option<Spanned<String>>,
@@ -537,6 +580,8 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
             warn: s.warn.as_ref().map(|v| *v.get_ref()),
             dns_pinning: s.dns_pinning.as_ref().map(|v| *v.get_ref()),
             no_guard: s.no_guard.as_ref().map(|v| v.get_ref().clone()),
+            learn: s.learn.as_ref().map(|v| v.get_ref().clone()),
+            learn_wildcard_min: s.learn_wildcard_min.as_ref().map(|v| *v.get_ref()),
             docker: s.docker.as_ref().map(|v| v.get_ref().clone()),
             pod_uid: s.pod_uid.as_ref().map(|v| v.get_ref().clone()),
             container: s.container.as_ref().map(|v| v.get_ref().clone()),
@@ -553,6 +598,8 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
                 "intercept_ports" => s.intercept_ports.as_ref().map(|v| v.span()),
                 "upstream" => s.upstream.as_ref().map(|v| v.span()),
                 "no_guard" => s.no_guard.as_ref().map(|v| v.span()),
+                "learn" => s.learn.as_ref().map(|v| v.span()),
+                "learn_wildcard_min" => s.learn_wildcard_min.as_ref().map(|v| v.span()),
                 "docker" => s.docker.as_ref().map(|v| v.span()),
                 "pod_uid" => s.pod_uid.as_ref().map(|v| v.span()),
                 "container" => s.container.as_ref().map(|v| v.span()),

@@ -139,6 +139,8 @@ mod tests {
                     warn: false,
                     dns_pinning: true,
                     no_guard: vec![crate::cli::GuardName::Doh],
+                    learn: Some("/var/lib/egress/a.toml".into()),
+                    learn_wildcard_min: 3,
                     docker: None,
                     pod: None,
                 },

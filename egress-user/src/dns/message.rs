@@ -29,8 +29,9 @@ const MIN_UDP_LIMIT: usize = 512;
 /// Larger EDNS sizes are clamped: bigger datagrams fragment, and fragments can be spoofed.
 const MAX_UDP_LIMIT: usize = 4096;
 
-/// EDE text is informational; keep it short so a refusal still fits a 512-byte reply.
-const MAX_EDE_TEXT: usize = 200;
+/// EDE text is informational (the reason and what would allow the name); it is shortened
+/// further whenever the refusal would not fit the client's UDP limit.
+const MAX_EDE_TEXT: usize = 300;
 
 /// A standard query from a sandbox, with exactly one question.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -7,7 +7,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use http::Method;
 
-use super::model::{HostRule, SandboxPolicy};
+use super::{
+    hint::Fix,
+    model::{HostRule, SandboxPolicy},
+};
 use crate::pattern::{normalize_host, HostPattern};
 
 /// What the host lists say about a host.
@@ -30,12 +33,12 @@ pub enum HostDecision {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestDecision<'p> {
     /// `rule`: the host rule that applies (its header edits are for the caller to make).
-    Allow {
-        rule: Option<&'p HostRule>,
-    },
+    Allow { rule: Option<&'p HostRule> },
     Deny {
         reason: String,
         rule: String,
+        /// What would let it through.
+        fix: Fix,
     },
 }
 
@@ -51,7 +54,7 @@ impl SandboxPolicy {
         };
         if let Some(rule) = find(&self.deny) {
             return HostDecision::Deny {
-                reason: "host is on the deny list",
+                reason: DENY_LIST_REASON,
                 rule,
             };
         }
@@ -79,6 +82,7 @@ impl SandboxPolicy {
         if let HostDecision::Deny { reason, rule } = self.host_decision(host) {
             return RequestDecision::Deny {
                 reason: reason.to_owned(),
+                fix: Fix::for_host(host, &rule),
                 rule,
             };
         }
@@ -86,13 +90,20 @@ impl SandboxPolicy {
         let Some(rule) = self.rules.iter().find(|r| r.host.matches(&host)) else {
             return RequestDecision::Allow { rule: None };
         };
-        let deny = |what: String| RequestDecision::Deny {
+        let deny = |what: String, fix: Fix| RequestDecision::Deny {
             reason: format!("{what} not allowed by rule {} ({})", rule.index, rule.host),
             rule: format!("rule {} ({})", rule.index, rule.host),
+            fix,
         };
         if let Some(methods) = &rule.methods {
             if !methods.contains(method) {
-                return deny(format!("method {method}"));
+                let fix = Fix::RuleMethod {
+                    index: rule.index,
+                    rule_host: rule.host.to_string(),
+                    from_defaults: rule.from_defaults,
+                    method: method.to_string(),
+                };
+                return deny(format!("method {method}"), fix);
             }
         }
         if let Some(globs) = &rule.paths {
@@ -100,10 +111,16 @@ impl SandboxPolicy {
             // The upstream resolves `..` before routing, so `/api/../admin` would pass a
             // `/api/**` glob and reach `/admin`.
             if path.split('/').any(is_dot_segment) {
-                return deny(format!("path {path} (dot segments)"));
+                return deny(format!("path {path} (dot segments)"), Fix::DotSegments);
             }
             if !globs.iter().any(|g| g.matches(path)) {
-                return deny(format!("path {path}"));
+                let fix = Fix::RulePath {
+                    index: rule.index,
+                    rule_host: rule.host.to_string(),
+                    from_defaults: rule.from_defaults,
+                    path: path.to_owned(),
+                };
+                return deny(format!("path {path}"), fix);
             }
         }
         RequestDecision::Allow { rule: Some(rule) }
@@ -228,6 +245,9 @@ pub const DOH_RESOLVERS: &[&str] = &[
     "2620:fe::9",
 ];
 
+/// The reason of a refusal by the deny list.
+pub const DENY_LIST_REASON: &str = "host is on the deny list";
+
 /// The `rule` of a refusal by the DoH guard.
 pub const DOH_RULE: &str = "guard:doh";
 
@@ -343,7 +363,7 @@ methods = ["POST"]
         };
         let denied = |host, m: Method, path| match a.request_decision(host, &m, path) {
             RequestDecision::Allow { .. } => panic!("{m} {host}{path} should be refused"),
-            RequestDecision::Deny { reason, rule } => format!("{rule}: {reason}"),
+            RequestDecision::Deny { reason, rule, .. } => format!("{rule}: {reason}"),
         };
         assert_eq!(
             ok(

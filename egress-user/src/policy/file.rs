@@ -315,6 +315,7 @@ impl Source<'_> {
             remove_headers,
             // Set by `merge`, once the defaults' rules have been appended.
             index: 0,
+            from_defaults: false,
         })
     }
 
@@ -447,9 +448,11 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
             .unwrap_or(true),
         doh: own.doh.or(d.and_then(|d| d.doh)).unwrap_or(true),
     };
+    let own_rules = own.rules.len();
     let mut rules = cat(own.rules, d.map(|d| &d.rules));
     for (i, r) in rules.iter_mut().enumerate() {
         r.index = i;
+        r.from_defaults = i >= own_rules;
     }
     let mut secrets = own.secrets;
     let inherited: Vec<_> = d
@@ -481,6 +484,7 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
             .dns_pinning
             .or(d.and_then(|d| d.dns_pinning))
             .unwrap_or(false),
+        audience: Default::default(),
     }
 }
 
@@ -537,7 +541,7 @@ fn parse_header_name(s: &str) -> Result<HeaderName, String> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::policy::HostDecision;
 
@@ -555,7 +559,7 @@ pub(super) mod tests {
             .expect("sandbox agent is defined")
     }
 
-    pub(in crate::policy) fn pats(list: &[&str]) -> Vec<HostPattern> {
+    pub(crate) fn pats(list: &[&str]) -> Vec<HostPattern> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 

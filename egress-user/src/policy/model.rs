@@ -75,6 +75,8 @@ pub struct SandboxPolicy {
     /// Refuse a connection whose TLS server name or Host did not resolve, through the DNS
     /// listener and for this sandbox, to the address the client connected to.
     pub dns_pinning: bool,
+    /// Who configures it: what a refusal's hint names (a flag or the file's section).
+    pub audience: super::hint::Audience,
 }
 
 /// Per-host refinements of an allowed host. A rule never admits a host on its own: the host
@@ -92,6 +94,8 @@ pub struct HostRule {
     /// Position in [`SandboxPolicy::rules`]; the sandbox's own rules come before those from
     /// `[defaults]`.
     pub index: usize,
+    /// Whether it comes from `[defaults]`.
+    pub from_defaults: bool,
 }
 
 /// Where the egress process reads a secret's real value.

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::audit::Decision;
 use crate::policy::{
-    is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy, DOH_RULE,
+    hint::Fix, is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy,
+    DOH_RULE,
 };
 
 /// Why a request was refused, for machines: the `X-Egress-Denied` header.
@@ -69,6 +70,8 @@ pub struct Verdict<'p> {
     pub code: Option<DenyCode>,
     /// The host rule whose header edits apply.
     pub host_rule: Option<&'p HostRule>,
+    /// What would let it through, in a line; `None` when allowed.
+    pub hint: Option<String>,
 }
 
 impl Verdict<'_> {
@@ -81,6 +84,7 @@ struct Refusal {
     reason: String,
     rule: String,
     code: DenyCode,
+    fix: Fix,
 }
 
 /// What a request is judged on.
@@ -121,6 +125,7 @@ pub fn request<'p>(
             refusal = Some(Refusal {
                 reason: format!("TLS server name: {reason}"),
                 code: host_code(&rule),
+                fix: Fix::for_host(sni, &rule),
                 rule,
             });
         } else if p.guards.domain_fronting && sni != host {
@@ -128,13 +133,15 @@ pub fn request<'p>(
                 reason: format!("TLS server name {sni} and Host {host} differ (domain fronting)"),
                 rule: String::new(),
                 code: DenyCode::DomainFronting,
+                fix: Fix::Fronting,
             });
         }
     }
     let (rule, host_rule) = match p.request_decision(host, method, path) {
-        RequestDecision::Deny { reason, rule } => {
+        RequestDecision::Deny { reason, rule, fix } => {
             refusal.get_or_insert(Refusal {
                 reason,
+                fix,
                 code: if rule == DOH_RULE {
                     DenyCode::Doh
                 } else {
@@ -174,9 +181,11 @@ pub fn request<'p>(
             reason: None,
             code: None,
             host_rule,
+            hint: None,
         },
         Some(r) if p.mode == Mode::Warn => Verdict {
             decision: Decision::Warn,
+            hint: Some(r.fix.hint(p)),
             rule: r.rule,
             reason: Some(r.reason),
             code: Some(r.code),
@@ -184,6 +193,7 @@ pub fn request<'p>(
         },
         Some(r) => Verdict {
             decision: Decision::Deny,
+            hint: Some(r.fix.hint(p)),
             rule: r.rule,
             reason: Some(r.reason),
             code: Some(r.code),
@@ -214,6 +224,7 @@ fn doh_message_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
         reason: "DNS messages over HTTP (DNS over HTTPS, guard `doh`)".into(),
         rule: DOH_RULE.into(),
         code: DenyCode::Doh,
+        fix: Fix::DohMessage,
     })
 }
 
@@ -225,6 +236,7 @@ fn doh_address_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
         reason: format!("{ip} is a well-known DNS-over-HTTPS resolver (guard `doh`)"),
         rule: DOH_RULE.into(),
         code: DenyCode::Doh,
+        fix: Fix::for_host(&ip, DOH_RULE),
     })
 }
 
@@ -253,6 +265,9 @@ fn pinning_refusal(
             ),
             rule: String::new(),
             code: DenyCode::DnsPinning,
+            fix: Fix::Pinning {
+                name: ip.to_string(),
+            },
         });
     }
     if resolved(&name) {
@@ -265,6 +280,7 @@ fn pinning_refusal(
         ),
         rule: String::new(),
         code: DenyCode::DnsPinning,
+        fix: Fix::Pinning { name },
     })
 }
 
@@ -284,6 +300,7 @@ fn private_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
         reason: format!("destination {dst} is in a private, loopback or link-local range"),
         rule: String::new(),
         code: DenyCode::PrivateDestination,
+        fix: Fix::PrivateOk { ip: dst },
     })
 }
 

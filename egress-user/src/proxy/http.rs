@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     audit::{self, Decision, Record, RequestRecord, TlsMode},
-    policy::{normalize_host, HostRule, SandboxPolicy},
+    policy::{hint::Fix, normalize_host, HostRule, SandboxPolicy},
     secrets::{self, Plan},
     upstream::{Body, BoxError, PoolKey},
 };
@@ -86,9 +86,13 @@ fn full(status: StatusCode, content_type: &'static str, body: String) -> Respons
     r
 }
 
-/// The 403 a refused request gets: JSON naming the host and why, plus `X-Egress-Denied`.
-pub fn denied(host: &str, reason: &str, code: DenyCode) -> Response<Body> {
-    let body = serde_json::json!({ "error": "egress_denied", "host": host, "reason": reason });
+/// The 403 a refused request gets: JSON naming the host, why, and what would allow it, plus
+/// `X-Egress-Denied`.
+pub fn denied(host: &str, reason: &str, hint: Option<&str>, code: DenyCode) -> Response<Body> {
+    let mut body = serde_json::json!({ "error": "egress_denied", "host": host, "reason": reason });
+    if let Some(h) = hint {
+        body["hint"] = h.into();
+    }
     let mut r = full(
         StatusCode::FORBIDDEN,
         "application/json",
@@ -156,6 +160,8 @@ struct Refusal {
     reason: String,
     /// The rule that refused, when the policy did.
     rule: String,
+    /// What would allow it.
+    hint: Option<String>,
 }
 
 impl Refusal {
@@ -165,6 +171,7 @@ impl Refusal {
             code,
             reason: why.to_string(),
             rule: String::new(),
+            hint: None,
         }
     }
 }
@@ -288,6 +295,7 @@ fn judge<'p>(
             code: verdict.code.unwrap_or(DenyCode::Policy),
             reason: verdict.reason.unwrap_or_default(),
             rule: verdict.rule,
+            hint: verdict.hint,
         });
     }
     Ok(Admitted {
@@ -446,7 +454,11 @@ impl<'a> RequestAudit<'a> {
             }
             _ => self.host(),
         };
-        let resp = denied(shown, &r.reason, r.code);
+        let hint = r.hint.or_else(|| {
+            (r.code == DenyCode::SecretNotAuthorized)
+                .then(|| Fix::Secret.hint(&conn.conn.sandbox.policy.load().sandbox))
+        });
+        let resp = denied(shown, &r.reason, hint.as_deref(), r.code);
         let out = Outcome {
             decision: Decision::Deny,
             rule: r.rule,
