@@ -21,6 +21,7 @@ pub mod events;
 pub mod gc;
 pub mod listen;
 pub mod located;
+pub mod mountns;
 pub mod netns;
 pub mod notify;
 pub mod pattern;

@@ -72,6 +72,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Bundle(#[from] super::ca::Error),
     #[error("the egress CA certificate cannot be parsed for its subject hash")]
     CaSubject,
     #[error("the system random number generator failed")]
@@ -209,7 +211,7 @@ impl TrustFiles {
         let roots = super::ca::system_roots_pem();
 
         let bundle = dir.join("ca-bundle.pem");
-        write_file(&bundle, &appended(&roots, &ca_pem))?;
+        ca.write_trust_bundle(&bundle)?;
 
         let mounts_dir = dir.join("mounts");
         make_dir(&mounts_dir)?;
