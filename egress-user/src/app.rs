@@ -290,7 +290,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .map_err(io("chmod", &run_dir.0))?;
-    let (env, mounts) = trust_files(&cfg.tls, node.shared.leaves.ca(), &run_dir.0)?;
+    let Trust { env, mounts } = trust_files(&cfg.tls, node.shared.leaves.ca(), &run_dir.0)?;
 
     let cgroup = SandboxCgroup::create(&cg_root, &name)?;
     let netns = if cfg.isolate_net {
@@ -478,15 +478,26 @@ pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
     Ok(command::exit_code(status))
 }
 
+/// How the command of `egress run` trusts the egress CA.
+struct Trust {
+    /// The CA variables.
+    env: Vec<(String, String)>,
+    /// The trust-store mounts of its mount namespace.
+    mounts: Option<Arc<crate::mountns::Plan>>,
+}
+
 /// Writes what the command trusts egress through into `dir`: the CA variables (unless
 /// --no-ca-env) and the copies to mount over the system trust store (unless --no-ca-mount).
 fn trust_files(
     cfg: &TlsConfig,
     ca: &tls::ca::CertificateAuthority,
     dir: &Path,
-) -> Result<(Vec<(String, String)>, Option<Arc<crate::mountns::Plan>>), Error> {
+) -> Result<Trust, Error> {
     if !cfg.ca_env && !cfg.ca_mount {
-        return Ok((Vec::new(), None));
+        return Ok(Trust {
+            env: Vec::new(),
+            mounts: None,
+        });
     }
     let locations = if cfg.ca_mount {
         tls::trust::locate(&tls::trust::candidates())
@@ -509,7 +520,7 @@ fn trust_files(
         );
     }
     if !cfg.ca_mount {
-        return Ok((env, None));
+        return Ok(Trust { env, mounts: None });
     }
     info!(
         targets = ?files.mounts.iter().map(|m| m.target.display().to_string()).collect::<Vec<_>>(),
@@ -520,7 +531,10 @@ fn trust_files(
         path: dir.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
     })?;
-    Ok((env, Some(Arc::new(plan))))
+    Ok(Trust {
+        env,
+        mounts: Some(Arc::new(plan)),
+    })
 }
 
 async fn log_exit(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>>) {

@@ -470,3 +470,80 @@ fn the_host_store_is_never_changed_and_outside_processes_see_the_original() {
     }
     assert_eq!(trust_mounts(), mounts_before);
 }
+
+/// `egress run` with `unshare(2)` refused by a seccomp filter (as a container without
+/// CAP_SYS_ADMIN would): the run fails, naming the step and `--no-ca-mount`, and never
+/// starts the command without its trust-store mounts; with `--no-ca-mount` it runs.
+#[test]
+fn without_a_mount_namespace_egress_run_refuses_and_names_the_way_out() {
+    egress_tests::require_root();
+    drop(
+        egress_tests::NO_NEW_EGRESS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    let dir = TempDir::new("clients-nons");
+    let flag = dir.path("ran");
+    let run = |extra: &[&str]| {
+        let mut c = std::process::Command::new(egress_tests::egress_bin());
+        c.env("EGRESS_CONFDIR", dir.path("conf"))
+            .args(["run", "--user", "nobody"])
+            .args(extra)
+            .args(["--", "/usr/bin/touch"])
+            .arg(&flag);
+        // SAFETY: only prctl(2) between fork and exec, on a filter that lives in this
+        // closure's frame for the duration of the call.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, deny_unshare);
+        }
+        c.output().expect("run egress")
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(stderr.contains("unshare(CLONE_NEWNS) failed"), "{stderr}");
+    assert!(stderr.contains("--no-ca-mount"), "{stderr}");
+    assert!(
+        !flag.exists(),
+        "the command ran without its mount namespace"
+    );
+
+    let out = run(&["--no-ca-mount"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(flag.exists(), "the command did not run under --no-ca-mount");
+}
+
+/// A seccomp filter failing `unshare` with EPERM and allowing everything else.
+#[allow(unsafe_code)]
+fn deny_unshare() -> std::io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut filter = [
+        // seccomp_data.nr
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 1, libc::SYS_unshare as u32),
+        op(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: prog points at `filter`, both alive for the call.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -70,7 +70,7 @@ fn canon_string(tag: u8, bytes: &[u8]) -> Option<Vec<u8>> {
         0x0c => std::str::from_utf8(bytes).ok()?.as_bytes().to_vec(),
         // BMPString: UCS-2, big-endian.
         0x1e => {
-            if bytes.len() % 2 != 0 {
+            if !bytes.len().is_multiple_of(2) {
                 return None;
             }
             let units = bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]));
@@ -81,7 +81,7 @@ fn canon_string(tag: u8, bytes: &[u8]) -> Option<Vec<u8>> {
         }
         // UniversalString: UCS-4, big-endian.
         0x1c => {
-            if bytes.len() % 4 != 0 {
+            if !bytes.len().is_multiple_of(4) {
                 return None;
             }
             bytes
