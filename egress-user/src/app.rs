@@ -30,15 +30,40 @@ use crate::{
 /// Leaf certificates kept; each new host beyond this evicts an old one.
 const LEAF_CACHE_CAPACITY: usize = 16_384;
 
-/// Environment variables that point common clients at the trust bundle.
-const CA_ENV_VARS: &[&str] = &[
+/// Environment variables that point common clients at the trust bundle. Each names a file
+/// of the system roots plus the egress CA: several of them (npm's `cafile`, Cargo's,
+/// Composer's) replace the client's roots rather than add to them.
+const CA_FILE_VARS: &[&str] = &[
+    // OpenSSL and what links it, Go, Python's ssl, Ruby, rustls-native-certs
     "SSL_CERT_FILE",
     "CURL_CA_BUNDLE",
+    // Python requests (and pip, conda through it)
     "REQUESTS_CA_BUNDLE",
-    "NODE_EXTRA_CA_CERTS",
     "PIP_CERT",
+    // Node and Bun add this to their built-in roots; npm, yarn 1 and pnpm read cafile
+    "NODE_EXTRA_CA_CERTS",
+    "npm_config_cafile",
     "GIT_SSL_CAINFO",
+    "CARGO_HTTP_CAINFO",
+    "NIX_SSL_CERT_FILE",
+    // AWS CLI and SDKs
+    "AWS_CA_BUNDLE",
+    // httplib2 (gcloud, google-api-python-client)
+    "HTTPLIB2_CA_CERTS",
+    "DENO_CERT",
+    // Ruby's Bundler
+    "BUNDLE_SSL_CA_CERT",
+    // PHP's Composer
+    "COMPOSER_CAFILE",
+    // Elixir's Hex
+    "HEX_CACERTS_PATH",
+    // gRPC's C core (Python, Ruby, PHP, C++)
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    // Google Cloud SDK
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
 ];
+/// ... and at the hashed directory of the same roots (OpenSSL, Go).
+const CA_DIR_VARS: &[&str] = &["SSL_CERT_DIR"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -58,6 +83,8 @@ pub enum Error {
     Sandbox(#[from] sandbox::Error),
     #[error(transparent)]
     Ca(#[from] tls::ca::Error),
+    #[error(transparent)]
+    Trust(#[from] tls::trust::Error),
     #[error(transparent)]
     Mint(#[from] tls::mint::MintError),
     #[error(transparent)]
@@ -211,6 +238,8 @@ pub struct Bound {
     pub pin_dir: PathBuf,
     /// Environment for the sandboxed command (the CA trust bundle variables).
     pub env: Vec<(String, String)>,
+    /// The trust-store mounts of the command's mount namespace (none with --no-ca-mount).
+    pub mounts: Option<Arc<crate::mountns::Plan>>,
     node: Node,
     sandbox: Sandbox,
     cgroup: SandboxCgroup,
@@ -265,13 +294,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .map_err(io("chmod", &run_dir.0))?;
-    let mut env = Vec::new();
-    if cfg.tls.ca_env {
-        let bundle = run_dir.0.join("ca-bundle.pem");
-        node.shared.leaves.ca().write_trust_bundle(&bundle)?;
-        let b = bundle.display().to_string();
-        env.extend(CA_ENV_VARS.iter().map(|k| (k.to_string(), b.clone())));
-    }
+    let Trust { env, mounts } = trust_files(&cfg.tls, node.shared.leaves.ca(), &run_dir.0)?;
 
     let cgroup = SandboxCgroup::create(&cg_root, &name)?;
     let netns = if cfg.isolate_net {
@@ -364,6 +387,7 @@ pub async fn build(cfg: &RunConfig) -> Result<Bound, Error> {
         listen6,
         pin_dir,
         env,
+        mounts,
         node,
         sandbox,
         cgroup,
@@ -460,6 +484,7 @@ pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
         &cfg.command,
         bound.cgroup(),
         bound.netns(),
+        bound.mounts.clone(),
         &cfg.user,
         &bound.env,
         cfg.policy_file.is_some(),
@@ -469,6 +494,65 @@ pub async fn run(cfg: RunConfig) -> Result<u8, Error> {
     let status = status?;
     info!(status = %status, "command exited");
     Ok(command::exit_code(status))
+}
+
+/// How the command of `egress run` trusts the egress CA.
+struct Trust {
+    /// The CA variables.
+    env: Vec<(String, String)>,
+    /// The trust-store mounts of its mount namespace.
+    mounts: Option<Arc<crate::mountns::Plan>>,
+}
+
+/// Writes what the command trusts egress through into `dir`: the CA variables (unless
+/// --no-ca-env) and the copies to mount over the system trust store (unless --no-ca-mount).
+fn trust_files(
+    cfg: &TlsConfig,
+    ca: &tls::ca::CertificateAuthority,
+    dir: &Path,
+) -> Result<Trust, Error> {
+    if !cfg.ca_env && !cfg.ca_mount {
+        return Ok(Trust {
+            env: Vec::new(),
+            mounts: None,
+        });
+    }
+    let locations = if cfg.ca_mount {
+        tls::trust::locate(&tls::trust::candidates())
+    } else {
+        Vec::new()
+    };
+    let files = tls::trust::TrustFiles::write(dir, ca, &locations)?;
+    let mut env = Vec::new();
+    if cfg.ca_env {
+        let (file, certs) = (files.bundle.display(), files.cert_dir.display());
+        env.extend(
+            CA_FILE_VARS
+                .iter()
+                .map(|k| (k.to_string(), file.to_string())),
+        );
+        env.extend(
+            CA_DIR_VARS
+                .iter()
+                .map(|k| (k.to_string(), certs.to_string())),
+        );
+    }
+    if !cfg.ca_mount {
+        return Ok(Trust { env, mounts: None });
+    }
+    info!(
+        targets = ?files.mounts.iter().map(|m| m.target.display().to_string()).collect::<Vec<_>>(),
+        "the command sees the system trust store with the egress CA added"
+    );
+    let plan = crate::mountns::Plan::new(&files.mounts).map_err(|e| Error::Io {
+        what: "mount",
+        path: dir.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+    })?;
+    Ok(Trust {
+        env,
+        mounts: Some(Arc::new(plan)),
+    })
 }
 
 async fn log_exit(what: &'static str, f: impl std::future::Future<Output = std::io::Result<()>>) {

@@ -31,11 +31,19 @@ Examples:
   # Learn a policy from one run (warn mode), then enforce it
   sudo egress run --learn agent.toml -- ./agent
   sudo egress run --policy agent.toml -- ./agent
+  # Clients that read only the system store (wget, Java, npm with a pinned cafile) get
+  # the egress CA from the mounted copy; --no-ca-mount leaves them the host's store
+  sudo egress run --allow repo.maven.apache.org -- ./mvnw package
+  sudo egress run --no-ca-mount --allow pypi.org -- pip download six
 
 What the sandbox may do:
   TCP to an intercepted port (80 and 443 unless --intercept-port is given) goes to the proxy.
-  HTTPS is decrypted with a certificate from the egress CA (which the command is told to trust
-  through SSL_CERT_FILE and friends), and each request must name an --allow'ed host, else it
+  HTTPS is decrypted with a certificate from the egress CA, which the command trusts in two
+  ways: SSL_CERT_FILE, SSL_CERT_DIR and friends point at a bundle of the system roots plus
+  the CA (--no-ca-env turns them off), and in a mount namespace of its own the system trust
+  store (/etc/ssl/certs, its bundle and hashed links, the RHEL and Alpine bundles, Java's
+  cacerts) shows read-only copies with the CA added; the host's files are never changed
+  (--no-ca-mount turns it off). Each request must name an --allow'ed host, else it
   gets a 403. --passthrough hosts are spliced without decryption. TCP to a destination allowed
   with --allow-tcp/--allow-port goes direct. DNS (UDP or TCP port 53, to any resolver)
   goes to egress's DNS listener, which answers only names the sandbox may reach (others get
@@ -341,10 +349,15 @@ pub struct TlsArgs {
     pub confdir: PathBuf,
     #[command(flatten)]
     pub trust: TrustArgs,
-    /// Do not set SSL_CERT_FILE, CURL_CA_BUNDLE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS,
-    /// PIP_CERT and GIT_SSL_CAINFO for the command.
+    /// Do not set SSL_CERT_FILE, SSL_CERT_DIR, CURL_CA_BUNDLE, REQUESTS_CA_BUNDLE,
+    /// NODE_EXTRA_CA_CERTS, npm_config_cafile and the other CA variables for the command.
     #[arg(long)]
     pub no_ca_env: bool,
+    /// Do not show the command the system trust store with the egress CA added (a mount
+    /// namespace of its own with read-only copies over /etc/ssl/certs, the distributions'
+    /// bundles and Java's cacerts). Clients that ignore the CA variables then fail TLS.
+    #[arg(long)]
+    pub no_ca_mount: bool,
 }
 
 #[derive(Debug, Args)]
@@ -545,6 +558,8 @@ pub struct TlsConfig {
     pub upstream_trust_dir: Option<PathBuf>,
     pub upstream_cas: Vec<PathBuf>,
     pub ca_env: bool,
+    /// Mount the trust-store copies in the command's own mount namespace (`egress run`).
+    pub ca_mount: bool,
 }
 
 impl TlsArgs {
@@ -555,6 +570,7 @@ impl TlsArgs {
             upstream_trust_dir: self.trust.upstream_trust_dir,
             upstream_cas: self.trust.upstream_cas,
             ca_env: !self.no_ca_env,
+            ca_mount: !self.no_ca_mount,
         }
     }
 }

@@ -5,11 +5,12 @@ use std::{
     io,
     os::{fd::AsRawFd, unix::process::ExitStatusExt as _},
     process::ExitStatus,
+    sync::Arc,
 };
 
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::{cgroup::SandboxCgroup, cli::SandboxUser, netns::NetNs};
+use crate::{cgroup::SandboxCgroup, cli::SandboxUser, mountns::Plan, netns::NetNs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -23,6 +24,16 @@ pub enum Error {
     Wait(#[source] io::Error),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::Error),
+    #[error(
+        "cannot give the command its own mount namespace with the egress CA in the system \
+         trust store: {step} failed (this needs CAP_SYS_ADMIN); pass --no-ca-mount to run \
+         without it, trusting egress only through the CA environment variables"
+    )]
+    TrustMount {
+        step: crate::mountns::Step,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -31,6 +42,10 @@ impl Error {
         match self {
             Error::Spawn { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
             Error::Spawn { .. } => 126,
+            Error::TrustMount { source, .. } if source.raw_os_error() == Some(libc::EPERM) => {
+                crate::exit::NOPERM
+            }
+            Error::TrustMount { .. } => crate::exit::UNAVAILABLE,
             _ => crate::exit::SOFTWARE,
         }
     }
@@ -47,13 +62,15 @@ const FORWARDED: &[SignalKind] = &[
     SignalKind::user_defined2(),
 ];
 
-/// Spawns `argv` inside `cgroup` and waits for it, forwarding signals. With `keep_hup`,
-/// SIGHUP is egress's own (policy reload) and is not passed on.
+/// Spawns `argv` inside `cgroup` (and `mounts`' mount namespace) and waits for it,
+/// forwarding signals. With `keep_hup`, SIGHUP is egress's own (policy reload) and is not
+/// passed on.
 #[allow(unsafe_code)]
 pub async fn run(
     argv: &[std::ffi::OsString],
     cgroup: &SandboxCgroup,
     netns: Option<&NetNs>,
+    mounts: Option<Arc<Plan>>,
     user: &SandboxUser,
     env: &[(String, String)],
     keep_hup: bool,
@@ -62,6 +79,10 @@ pub async fn run(
     let procs_fd = procs.as_raw_fd();
     let netns_fd = netns.map(|n| n.fd().as_raw_fd());
     let (uid, gid) = (user.uid, user.gid);
+    // The child names the mount step that failed here; the pipe closes on exec.
+    let (mut step_rx, step_tx) = io::pipe().map_err(Error::Wait)?;
+    let step_fd = step_tx.as_raw_fd();
+    let plan = mounts.clone();
 
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(&argv[1..])
@@ -71,7 +92,8 @@ pub async fn run(
         .envs(env.iter().map(|(k, v)| (k, v)))
         .kill_on_drop(true);
     // SAFETY: between fork and exec only async-signal-safe calls are made (write, setns,
-    // setgroups, setgid, setuid, prctl), on values captured by copy.
+    // unshare, mount, setgroups, setgid, setuid, prctl), on values captured by copy or
+    // prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // Into the sandbox before anything else: every socket the command opens from
@@ -82,6 +104,14 @@ pub async fn run(
             if let Some(fd) = netns_fd {
                 if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+            }
+            // While still root: the trust-store mounts, in a namespace of the command's own.
+            if let Some(plan) = &plan {
+                if let Err((step, errno)) = plan.enter() {
+                    let step = step.to_ne_bytes();
+                    libc::write(step_fd, step.as_ptr().cast(), step.len());
+                    return Err(io::Error::from_raw_os_error(errno));
                 }
             }
             let groups = [gid];
@@ -98,11 +128,22 @@ pub async fn run(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
-        cmd: argv[0].to_string_lossy().into_owned(),
-        source,
+    let spawned = cmd.spawn();
+    drop(step_tx);
+    let mut child = spawned.map_err(|source| {
+        let mut step = [0u8; 4];
+        match (&mounts, std::io::Read::read(&mut step_rx, &mut step)) {
+            (Some(plan), Ok(4)) => Error::TrustMount {
+                step: plan.step(u32::from_ne_bytes(step)),
+                source,
+            },
+            _ => Error::Spawn {
+                cmd: argv[0].to_string_lossy().into_owned(),
+                source,
+            },
+        }
     })?;
-    drop(procs);
+    drop((procs, step_rx));
     let pid = child.id().map(|p| p as libc::pid_t);
     tracing::info!(pid, user = %user.name, uid, cgroup = %cgroup.path().display(), "command started");
 

@@ -22,6 +22,7 @@ pub mod gc;
 pub mod learn;
 pub mod listen;
 pub mod located;
+pub mod mountns;
 pub mod netns;
 pub mod notify;
 pub mod pattern;

@@ -10,6 +10,7 @@
 
 pub mod ca;
 pub mod mint;
+pub mod trust;
 pub mod upstream;
 
 use std::sync::{Arc, Once, OnceLock};

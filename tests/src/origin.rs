@@ -445,6 +445,8 @@ async fn route(
             full(StatusCode::OK, "text/plain", format!("hello from {host}"))
         }
         (&Method::GET, "/sse") => sse(),
+        // `npm ping` asks the registry this; any JSON object is a pong.
+        (&Method::GET, "/-/ping") => full(StatusCode::OK, "application/json", "{}".into()),
         (&Method::GET, "/hold") => {
             log.released().await;
             full(StatusCode::OK, "text/plain", "released".into())

@@ -131,6 +131,11 @@ const TEST_PACKAGES: &[&str] = &[
     // The container tests' runtime: dockerd, containerd and runc (tests/src/containers.rs
     // starts dockerd when none runs).
     "docker.io",
+    // Clients that trust only the system store (tests/tests/clients.rs): wget (GnuTLS),
+    // and Java's HttpClient and keytool (cacerts). On a machine without a JDK this is
+    // 111 MB of packages: fetching and unpacking them took under 10 s here.
+    "wget",
+    "default-jdk-headless",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds per fuzz target in `cargo xtask test`: one minute for the four; building the
@@ -230,6 +235,10 @@ fn setup() -> Result<()> {
     // Node may come from elsewhere than Debian; only install it when there is none at all.
     if !Path::new("/usr/bin/node").exists() {
         missing.push("nodejs");
+    }
+    // Likewise npm (NodeSource's nodejs ships it and conflicts with Debian's npm).
+    if !Path::new("/usr/bin/npm").exists() {
+        missing.push("npm");
     }
     if !missing.is_empty() {
         run(Command::new("apt-get").args(["update", "-qq"]))?;

@@ -560,6 +560,7 @@ pub fn parse(text: &str, path: &Path) -> Result<DaemonConfig, Located> {
         upstream_trust_dir: opt_file(&d.upstream_trust_dir, "upstream_trust_dir")?,
         upstream_cas,
         ca_env: false,
+        ca_mount: false,
     };
     let mut sandboxes: Vec<SandboxDecl> = Vec::new();
     let mut names = BTreeSet::new();

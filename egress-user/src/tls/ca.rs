@@ -456,7 +456,7 @@ fn warn_if_key_exposed(path: &Path) {
 }
 
 /// The system's root certificates as PEM; empty (with a warning) if the host has none.
-fn system_roots_pem() -> Vec<u8> {
+pub(crate) fn system_roots_pem() -> Vec<u8> {
     for candidate in SYSTEM_BUNDLES {
         match fs::read(candidate) {
             Ok(bytes) => return bytes,

@@ -1,0 +1,549 @@
+//! Clients that trust only the system store: inside `egress run` they trust the egress CA
+//! because the command's own mount namespace shows the system trust store with the CA
+//! added, while the host's files stay as they are.
+//!
+//! Every client runs as `nobody` (egress's `--user`) under `env -i`, so no CA variable, the
+//! test runner's or egress's, can be what made it work; `--no-ca-env` is given as well.
+//! The origin is on loopback with its own test CA, which egress trusts upstream
+//! (`--upstream-ca`). Each test owns 127.0.9N.2.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    origin::{Origin, TestCa},
+    Egress, Finished, TempDir,
+};
+
+const WGET: &str = "/usr/bin/wget";
+const CURL: &str = "/usr/bin/curl";
+const OPENSSL: &str = "/usr/bin/openssl";
+const PY: &str = "/usr/bin/python3";
+const NPM: &str = "/usr/bin/npm";
+const JAVA: &str = "/usr/bin/java";
+const KEYTOOL: &str = "/usr/bin/keytool";
+/// Debian's bundle, the one wget (GnuTLS), npm's pinned `cafile` and Python read.
+const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// The only environment the clients get.
+const CLEAN_ENV: &[&str] = &["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "HOME=/tmp"];
+
+fn need(bin: &str) {
+    assert!(
+        Path::new(bin).exists(),
+        "{bin} is required by this test and missing; `cargo xtask setup` installs it"
+    );
+}
+
+/// A TLS origin named `origin.test` and its IP, plus the PEM file egress should trust.
+struct Site {
+    origin: Origin,
+    ca_file: PathBuf,
+    dir: TempDir,
+    ip: String,
+}
+
+fn site(ip: &str) -> Site {
+    let dir = TempDir::new("clients");
+    let ca = TestCa::new("egress-test-clients-origin-ca");
+    let ca_file = dir.path("origin-ca.pem");
+    ca.write_pem(&ca_file);
+    let origin = Origin::start(&format!("{ip}:443"), Some(ca.leaf(&["origin.test", ip])));
+    Site {
+        origin,
+        ca_file,
+        dir,
+        ip: ip.to_owned(),
+    }
+}
+
+impl Site {
+    /// egress flags: trust the origin, let it through, open the private-range guard for
+    /// loopback, plus `extra`.
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "--upstream-ca",
+            self.ca_file.to_str().unwrap(),
+            "--private-ok",
+            "127.0.0.0/8",
+            "--allow",
+            "origin.test",
+            "--allow",
+            &self.ip,
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}/hello", self.ip)
+    }
+
+    fn hello(&self) -> String {
+        format!("hello from {}", self.ip)
+    }
+}
+
+/// `sh -c SCRIPT` in the sandbox.
+fn sh(args: &[&str], script: &str) -> Finished {
+    Egress::run(args, &["/bin/sh", "-c", script]).finish()
+}
+
+fn clean(cmd: &str) -> String {
+    format!("{} {cmd}", CLEAN_ENV.join(" "))
+}
+
+#[test]
+fn wget_trusts_the_egress_ca_through_the_system_store_alone() {
+    need(WGET);
+    let s = site("127.0.90.2");
+    let f = sh(
+        &s.args(&["--no-ca-env"]),
+        &clean(&format!("{WGET} --no-hsts -qO- {}", s.url())),
+    );
+    assert!(f.status.success(), "wget failed: {f:#?}");
+    assert_eq!(f.stdout.trim(), s.hello(), "{f:#?}");
+    let a = f.audit_of("request");
+    assert_eq!(a.len(), 1, "{:#?}", f.audit);
+    assert_eq!(a[0]["tls"], "mitm");
+    assert_eq!(a[0]["comm"], "wget");
+    assert_eq!(s.origin.requests().len(), 1);
+    let mounted = f.log_with("the command sees the system trust store with the egress CA added");
+    assert_eq!(mounted.len(), 1, "{:#?}", f.logs);
+}
+
+#[test]
+fn without_the_mount_wget_does_not_know_the_issuer() {
+    need(WGET);
+    let s = site("127.0.91.2");
+    let f = sh(
+        &s.args(&["--no-ca-env", "--no-ca-mount"]),
+        &format!(
+            "{} 2>&1",
+            clean(&format!("{WGET} --no-hsts -nv -O- {}", s.url()))
+        ),
+    );
+    // wget's exit status 5 is "SSL verification failure".
+    assert_eq!(f.status.code(), Some(5), "wget without the mount: {f:#?}");
+    assert!(
+        f.stdout.contains("doesn't have a known issuer"),
+        "wget should refuse the egress leaf: {f:#?}"
+    );
+    assert!(s.origin.requests().is_empty());
+    assert!(f
+        .log_with("the command sees the system trust store with the egress CA added")
+        .is_empty());
+}
+
+#[test]
+fn curl_and_openssl_find_the_ca_in_the_hashed_directory() {
+    need(CURL);
+    need(OPENSSL);
+    let s = site("127.0.92.2");
+    // curl gets a CA file that does not sign the egress leaf (the origin's own), so only
+    // --capath can make it pass; s_client reads nothing but -CApath.
+    let script = format!(
+        "set -e; {curl}; echo; {s_client} 2>&1",
+        curl = clean(&format!(
+            "{CURL} -sS --capath /etc/ssl/certs --cacert {} --resolve origin.test:443:{} \
+             https://origin.test/hello",
+            s.ca_file.display(),
+            s.ip
+        )),
+        s_client = clean(&format!(
+            "{OPENSSL} s_client -brief -connect {}:443 -servername origin.test \
+             -verify_hostname origin.test -CApath /etc/ssl/certs -no-CAfile -no-CAstore \
+             -verify_return_error </dev/null",
+            s.ip
+        )),
+    );
+    let f = sh(&s.args(&["--no-ca-env"]), &script);
+    assert!(f.status.success(), "{f:#?}");
+    let mut lines = f.stdout.lines();
+    assert_eq!(lines.next(), Some("hello from origin.test"), "{f:#?}");
+    assert!(f.stdout.contains("Verification: OK"), "{f:#?}");
+    assert!(
+        f.stdout.contains("Verified peername: origin.test"),
+        "{f:#?}"
+    );
+}
+
+#[test]
+fn python_default_context_trusts_the_system_store() {
+    need(PY);
+    let s = site("127.0.93.2");
+    let script = format!(
+        "import os, ssl, urllib.request\n\
+         assert 'SSL_CERT_FILE' not in os.environ and 'SSL_CERT_DIR' not in os.environ\n\
+         ctx = ssl.create_default_context()\n\
+         print(urllib.request.urlopen('{}', context=ctx).read().decode())",
+        s.url()
+    );
+    let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
+    cmd.extend([PY, "-c", &script]);
+    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), s.hello(), "{f:#?}");
+}
+
+/// `npm ping` with a global npmrc pinning `cafile` to the system bundle (as some images
+/// do): npm then trusts that file alone.
+#[test]
+fn npm_with_cafile_pinned_to_the_system_bundle() {
+    need(NPM);
+    let s = site("127.0.94.2");
+    let npmrc = s.dir.path("global-npmrc");
+    std::fs::write(&npmrc, format!("cafile={SYSTEM_BUNDLE}\n")).unwrap();
+    let ping = |extra: &[&str]| {
+        let cmd = clean(&format!(
+            "{NPM} ping --globalconfig {} --userconfig /dev/null --cache {} \
+             --registry https://{}/ --no-update-notifier --fetch-retries 0 2>&1",
+            npmrc.display(),
+            s.dir.path("npm-cache").display(),
+            s.ip
+        ));
+        sh(&s.args(extra), &cmd)
+    };
+    let f = ping(&["--no-ca-env"]);
+    assert!(f.status.success(), "{f:#?}");
+    assert!(f.stdout.contains("PONG"), "{f:#?}");
+    let seen = s.origin.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].path_and_query.starts_with("/-/ping"), "{seen:?}");
+
+    let f = ping(&["--no-ca-env", "--no-ca-mount"]);
+    assert!(
+        !f.status.success(),
+        "npm trusted egress without the mount: {f:#?}"
+    );
+    assert!(
+        f.stdout.contains("SELF_SIGNED_CERT_IN_CHAIN")
+            || f.stdout.contains("UNABLE_TO_VERIFY_LEAF_SIGNATURE")
+            || f.stdout.contains("UNABLE_TO_GET_ISSUER_CERT_LOCALLY"),
+        "npm should refuse the egress leaf: {f:#?}"
+    );
+    assert_eq!(s.origin.requests().len(), 1);
+}
+
+const JAVA_MAIN: &str = r#"
+import java.net.URI;
+import java.net.http.HttpClient;
+import java.net.http.HttpRequest;
+import java.net.http.HttpResponse;
+
+public class Main {
+    public static void main(String[] args) throws Exception {
+        HttpResponse<String> r = HttpClient.newHttpClient().send(
+            HttpRequest.newBuilder(URI.create(args[0])).build(),
+            HttpResponse.BodyHandlers.ofString());
+        System.out.println(r.statusCode() + " " + r.body());
+    }
+}
+"#;
+
+/// Java's HttpClient reads only its `cacerts`, which the sandbox sees as a PKCS#12 store of
+/// the system roots plus the egress CA; keytool opens it with `changeit`, MAC checked.
+#[test]
+fn java_trusts_the_egress_ca_through_cacerts() {
+    need(JAVA);
+    need(KEYTOOL);
+    let s = site("127.0.95.2");
+    let main = s.dir.path("Main.java");
+    std::fs::write(&main, JAVA_MAIN).unwrap();
+    let script = format!(
+        "set -e; {java}; {keytool}",
+        java = clean(&format!("{JAVA} {} {} 2>&1", main.display(), s.url())),
+        keytool = clean(&format!(
+            "{KEYTOOL} -list -cacerts -storepass changeit -alias egress-ca 2>&1"
+        )),
+    );
+    let f = sh(&s.args(&["--no-ca-env"]), &script);
+    assert!(f.status.success(), "{f:#?}");
+    let mut lines = f.stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("200 {}", s.hello()).as_str()),
+        "{f:#?}"
+    );
+    assert!(f.stdout.contains("egress-ca, "), "{f:#?}");
+    assert!(f.stdout.contains("trustedCertEntry"), "{f:#?}");
+    assert_eq!(f.audit_of("request")[0]["comm"], "java");
+}
+
+/// The CA variables (here without the mount) name a bundle of the system roots plus the
+/// CA, and SSL_CERT_DIR a hashed directory that OpenSSL verifies through; npm's cafile
+/// variable replaces its roots and still verifies.
+#[test]
+fn the_ca_variables_name_the_system_roots_plus_the_ca() {
+    need(OPENSSL);
+    need(NPM);
+    let s = site("127.0.96.2");
+    let vars = [
+        "SSL_CERT_FILE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+        "NODE_EXTRA_CA_CERTS",
+        "npm_config_cafile",
+        "GIT_SSL_CAINFO",
+        "CARGO_HTTP_CAINFO",
+        "NIX_SSL_CERT_FILE",
+        "AWS_CA_BUNDLE",
+        "HTTPLIB2_CA_CERTS",
+        "DENO_CERT",
+        "BUNDLE_SSL_CA_CERT",
+    ];
+    let out = s.dir.path("vars");
+    let mut script = format!("set -e; : > {o}; ", o = out.display());
+    for v in vars.iter().chain(&["SSL_CERT_DIR"]) {
+        script += &format!("echo \"{v}=${{{v}}}\" >> {}; ", out.display());
+    }
+    script += &clean(&format!(
+        "SSL_CERT_DIR=\"$SSL_CERT_DIR\" {OPENSSL} s_client -brief -connect {}:443 \
+         -servername origin.test -verify_hostname origin.test -no-CAfile -no-CAstore \
+         -verify_return_error </dev/null 2>&1; ",
+        s.ip
+    ));
+    script += &clean(&format!(
+        "npm_config_cafile=\"$npm_config_cafile\" {NPM} ping --userconfig /dev/null \
+         --cache {} --registry https://{}/ --no-update-notifier --fetch-retries 0 2>&1; ",
+        s.dir.path("npm-cache").display(),
+        s.ip
+    ));
+    // Copy what the sandbox saw before the run directory goes away with the sandbox.
+    script += &format!(
+        "cp \"$SSL_CERT_FILE\" {b}; ls -l \"$SSL_CERT_DIR\" > {d}",
+        b = s.dir.path("bundle").display(),
+        d = s.dir.path("dir").display()
+    );
+    let f = sh(&s.args(&["--no-ca-mount"]), &script);
+    assert!(f.status.success(), "{f:#?}");
+    assert!(f.stdout.contains("Verification: OK"), "{f:#?}");
+    assert!(f.stdout.contains("PONG"), "{f:#?}");
+
+    let seen = std::fs::read_to_string(&out).unwrap();
+    let value = |v: &str| {
+        seen.lines()
+            .find_map(|l| l.strip_prefix(&format!("{v}=")))
+            .unwrap_or_else(|| panic!("{v} missing: {seen}"))
+            .to_owned()
+    };
+    let bundle_path = value("SSL_CERT_FILE");
+    for v in vars {
+        assert_eq!(value(v), bundle_path, "{v}: {seen}");
+    }
+    assert!(!value("SSL_CERT_DIR").is_empty(), "{seen}");
+    let bundle = std::fs::read_to_string(s.dir.path("bundle")).unwrap();
+    let system = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap();
+    assert!(
+        bundle.starts_with(&system),
+        "the bundle must hold the system roots"
+    );
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        system.matches("BEGIN CERTIFICATE").count() + 1
+    );
+    assert!(bundle.contains("# egress CA, SHA-256"));
+    let dir = std::fs::read_to_string(s.dir.path("dir")).unwrap();
+    assert!(dir.contains("-> egress-ca.pem"), "{dir}");
+}
+
+/// Every standard trust-store path of this host, as (path, what it is): a file's bytes, a
+/// symlink's target, a directory's entries (recursively).
+fn snapshot() -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(p: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return;
+        };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(p).unwrap();
+            out.push((
+                p.to_owned(),
+                format!("-> {}", target.display()).into_bytes(),
+            ));
+            if let Ok(canon) = std::fs::canonicalize(p) {
+                if canon.is_file() && !canon.starts_with("/etc/ssl/certs") {
+                    walk(&canon, out);
+                }
+            }
+        } else if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            entries.sort();
+            out.push((p.to_owned(), b"dir".to_vec()));
+            for e in entries {
+                walk(&e, out);
+            }
+        } else {
+            out.push((p.to_owned(), std::fs::read(p).unwrap()));
+        }
+    }
+    let mut out = Vec::new();
+    for p in ["/etc/ssl", "/etc/pki", "/var/lib/ca-certificates"] {
+        walk(Path::new(p), &mut out);
+    }
+    if let Ok(jvms) = std::fs::read_dir("/usr/lib/jvm") {
+        for j in jvms {
+            walk(&j.unwrap().path().join("lib/security/cacerts"), &mut out);
+        }
+    }
+    out
+}
+
+/// The host's mount table lines that touch a trust store.
+fn trust_mounts() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("/etc/ssl") || l.contains("/etc/pki") || l.contains("/jvm"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_host_store_is_never_changed_and_outside_processes_see_the_original() {
+    need(SYSTEM_BUNDLE);
+    let before = snapshot();
+    assert!(
+        before.iter().any(|(p, _)| p == Path::new(SYSTEM_BUNDLE)),
+        "the snapshot must cover the system bundle"
+    );
+    let mounts_before = trust_mounts();
+    let dir = TempDir::new("clients-host");
+    let (ready, go) = (dir.path("ready"), dir.path("go"));
+    let script = format!(
+        "grep -c 'egress CA' {SYSTEM_BUNDLE} > {inside}; \
+         cp /etc/ssl/certs/egress-ca.pem {ca}; \
+         touch {ready}; \
+         while [ ! -e {go} ]; do sleep 0.05; done",
+        inside = dir.path("inside").display(),
+        ca = dir.path("ca.pem").display(),
+        ready = ready.display(),
+        go = go.display(),
+    );
+    let run = Egress::run(&[], &["/bin/sh", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the sandbox never got ready: {:#?}",
+            run.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // While the sandbox runs: it sees the CA in the bundle, the host does not.
+    let inside = std::fs::read_to_string(dir.path("inside")).unwrap();
+    assert_eq!(
+        inside.trim(),
+        "1",
+        "the sandbox's bundle should hold the CA once"
+    );
+    let ca = std::fs::read_to_string(dir.path("ca.pem")).unwrap();
+    let pem = &ca[ca.find("-----BEGIN").expect("the CA's PEM")..];
+    let host = std::fs::read_to_string(SYSTEM_BUNDLE).unwrap();
+    assert!(!host.contains(pem), "the host bundle holds the egress CA");
+    assert!(!host.contains("egress CA"));
+    assert!(
+        snapshot() == before,
+        "the host's trust store changed during the run"
+    );
+    assert_eq!(
+        trust_mounts(),
+        mounts_before,
+        "the host's mount table changed"
+    );
+    std::fs::write(&go, "").unwrap();
+    let f = run.finish();
+    assert!(f.status.success(), "{f:#?}");
+    let after = snapshot();
+    if after != before {
+        let changed: Vec<_> = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| a != b)
+            .map(|(a, _)| a.0.display().to_string())
+            .collect();
+        panic!("the host's trust store changed: {changed:?}");
+    }
+    assert_eq!(trust_mounts(), mounts_before);
+}
+
+/// `egress run` with `unshare(2)` refused by a seccomp filter (as a container without
+/// CAP_SYS_ADMIN would): the run fails, naming the step and `--no-ca-mount`, and never
+/// starts the command without its trust-store mounts; with `--no-ca-mount` it runs.
+#[test]
+fn without_a_mount_namespace_egress_run_refuses_and_names_the_way_out() {
+    egress_tests::require_root();
+    drop(
+        egress_tests::NO_NEW_EGRESS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    let dir = TempDir::new("clients-nons");
+    let flag = dir.path("ran");
+    let run = |extra: &[&str]| {
+        let mut c = std::process::Command::new(egress_tests::egress_bin());
+        c.env("EGRESS_CONFDIR", dir.path("conf"))
+            .args(["run", "--user", "nobody"])
+            .args(extra)
+            .args(["--", "/usr/bin/touch"])
+            .arg(&flag);
+        // SAFETY: only prctl(2) between fork and exec, on a filter that lives in this
+        // closure's frame for the duration of the call.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, deny_unshare);
+        }
+        c.output().expect("run egress")
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(stderr.contains("unshare(CLONE_NEWNS) failed"), "{stderr}");
+    assert!(stderr.contains("--no-ca-mount"), "{stderr}");
+    assert!(
+        !flag.exists(),
+        "the command ran without its mount namespace"
+    );
+
+    let out = run(&["--no-ca-mount"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(flag.exists(), "the command did not run under --no-ca-mount");
+}
+
+/// A seccomp filter failing `unshare` with EPERM and allowing everything else.
+#[allow(unsafe_code)]
+fn deny_unshare() -> std::io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut filter = [
+        // seccomp_data.nr
+        op(LD_W_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 1, libc::SYS_unshare as u32),
+        op(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32),
+        op(RET_K, 0, 0, RET_ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: prog points at `filter`, both alive for the call.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
