@@ -456,7 +456,7 @@ impl<'a> RequestAudit<'a> {
         };
         let hint = r.hint.or_else(|| {
             (r.code == DenyCode::SecretNotAuthorized)
-                .then(|| Fix::Secret.hint(&conn.conn.sandbox.policy.load().sandbox))
+                .then(|| Fix::Secret.hint(&self.conn.conn.sandbox.policy.load().sandbox))
         });
         let resp = denied(shown, &r.reason, hint.as_deref(), r.code);
         let out = Outcome {
