@@ -27,13 +27,15 @@ struct Cli {
 enum Cmd {
     /// Install what a fresh machine lacks: nightly rust-src, LLVM 22, bpf-linker. Idempotent.
     Setup,
-    /// Build the eBPF object and the `egress` binary that embeds it.
+    /// Build the eBPF object and the `egress` binary that embeds it (installing what the
+    /// build lacks first).
     Build {
         /// Build user space in debug mode (the eBPF object is always release).
         #[arg(long)]
         debug: bool,
     },
-    /// Build, then run `egress` with the given arguments (as root).
+    /// Install what the build lacks (as `setup` does, quick once done), build, then run
+    /// `egress` with the given arguments (as root).
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -210,7 +212,10 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn setup() -> Result<()> {
+/// What the build needs (nightly rust-src, LLVM 22, bpf-linker), installed if missing.
+/// Idempotent and quick once done (a few process spawns), so every build runs it: the
+/// README's first command works on a fresh machine.
+fn setup_build() -> Result<()> {
     // Nightly rust-src, for -Z build-std=core.
     let sysroot = Command::new("rustc")
         .args(["+nightly", "--print", "sysroot"])
@@ -225,29 +230,7 @@ fn setup() -> Result<()> {
             "nightly",
         ]))?;
     }
-
-    let mut missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .chain(TEST_PACKAGES)
-        .copied()
-        .filter(|p| !dpkg_installed(p))
-        .collect();
-    // Node may come from elsewhere than Debian; only install it when there is none at all.
-    if !Path::new("/usr/bin/node").exists() {
-        missing.push("nodejs");
-    }
-    // Likewise npm (NodeSource's nodejs ships it and conflicts with Debian's npm).
-    if !Path::new("/usr/bin/npm").exists() {
-        missing.push("npm");
-    }
-    if !missing.is_empty() {
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-
+    apt_install(APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect())?;
     let have_linker = Command::new("bpf-linker")
         .arg("--version")
         .output()
@@ -269,8 +252,39 @@ fn setup() -> Result<()> {
             .env("PATH", path)
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))?;
     }
+    Ok(())
+}
+
+/// The build's needs, then the tests' clients and validators.
+fn setup() -> Result<()> {
+    setup_build()?;
+    let mut missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    // Node may come from elsewhere than Debian; only install it when there is none at all.
+    if !Path::new("/usr/bin/node").exists() {
+        missing.push("nodejs");
+    }
+    // Likewise npm (NodeSource's nodejs ships it and conflicts with Debian's npm).
+    if !Path::new("/usr/bin/npm").exists() {
+        missing.push("npm");
+    }
+    apt_install(missing)?;
     deploy::install_validators()?;
     Ok(())
+}
+
+fn apt_install(missing: Vec<&str>) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
@@ -287,6 +301,7 @@ fn ebpf_object() -> PathBuf {
 }
 
 fn build_ebpf() -> Result<PathBuf> {
+    setup_build()?;
     run(Command::new("cargo")
         .args(["+nightly", "build", "-p", "egress-ebpf", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
