@@ -230,7 +230,13 @@ fn setup_build() -> Result<()> {
             "nightly",
         ]))?;
     }
-    apt_install(APT_PACKAGES.iter().copied().filter(|p| !dpkg_installed(p)).collect())?;
+    apt_install(
+        APT_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !dpkg_installed(p))
+            .collect(),
+    )?;
     let have_linker = Command::new("bpf-linker")
         .arg("--version")
         .output()
