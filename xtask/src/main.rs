@@ -138,6 +138,11 @@ const TEST_PACKAGES: &[&str] = &[
     // 111 MB of packages: fetching and unpacking them took under 10 s here.
     "wget",
     "default-jdk-headless",
+    // More of them: Python's requests (Debian's certifi is the system bundle), Ruby's
+    // Net::HTTP, and git over smart HTTP (libcurl, served by `git http-backend`).
+    "python3-requests",
+    "ruby",
+    "git",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds per fuzz target in `cargo xtask test`: one minute for the four; building the
