@@ -85,6 +85,16 @@ impl Site {
     }
 }
 
+/// egress audited exactly one request, from `comm`, allowed and intercepted.
+fn assert_audited(f: &Finished, comm: &str) {
+    let a = f.audit_of("request");
+    assert_eq!(a.len(), 1, "{:#?}", f.audit);
+    assert_eq!(a[0]["comm"], comm, "{:#}", a[0]);
+    assert_eq!(a[0]["decision"], "allow", "{:#}", a[0]);
+    assert_eq!(a[0]["tls"], "mitm", "{:#}", a[0]);
+    assert_eq!(a[0]["status"], 200, "{:#}", a[0]);
+}
+
 /// `sh -c SCRIPT` in the sandbox.
 fn sh(args: &[&str], script: &str) -> Finished {
     Egress::run(args, &["/bin/sh", "-c", script]).finish()
@@ -224,6 +234,35 @@ fn npm_with_cafile_pinned_to_the_system_bundle() {
         "npm should refuse the egress leaf: {f:#?}"
     );
     assert_eq!(s.origin.requests().len(), 1);
+}
+
+/// curl offered only h2, or only HTTP/1.1, over TLS it verifies with the mounted bundle
+/// (`--cacert` names it explicitly, so curl's build-time default plays no part): egress's
+/// ALPN answer follows the client's.
+#[test]
+fn curl_over_http2_and_http1_1_through_the_mounted_bundle() {
+    need(CURL);
+    for (ip, flag, version) in [
+        ("127.0.97.2", "--http2", "2"),
+        ("127.0.97.3", "--http1.1", "1.1"),
+    ] {
+        let s = site(ip);
+        let f = sh(
+            &s.args(&["--no-ca-env"]),
+            &clean(&format!(
+                "{CURL} -sS {flag} --cacert {SYSTEM_BUNDLE} -w ' %{{http_code}} %{{http_version}}' \
+                 --resolve origin.test:443:{ip} https://origin.test/hello"
+            )),
+        );
+        assert!(f.status.success(), "curl {flag}: {f:#?}");
+        assert_eq!(
+            f.stdout,
+            format!("hello from origin.test 200 {version}"),
+            "curl {flag}: {f:#?}"
+        );
+        assert_audited(&f, "curl");
+        assert_eq!(s.origin.requests().len(), 1, "curl {flag}");
+    }
 }
 
 const JAVA_MAIN: &str = r#"
