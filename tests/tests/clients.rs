@@ -265,6 +265,28 @@ fn curl_over_http2_and_http1_1_through_the_mounted_bundle() {
     }
 }
 
+/// Debian's `requests` takes its bundle from Debian's certifi, whose `where()` is the
+/// system bundle: with no CA variable it verifies through the mounted file.
+#[test]
+fn python_requests_trusts_the_system_bundle() {
+    need(PY);
+    let s = site("127.0.97.4");
+    let script = format!(
+        "import os, certifi, requests\n\
+         assert not any(v in os.environ for v in ('REQUESTS_CA_BUNDLE', 'CURL_CA_BUNDLE', 'SSL_CERT_FILE'))\n\
+         assert certifi.where() == '{SYSTEM_BUNDLE}', certifi.where()\n\
+         r = requests.get('{}', timeout=20)\n\
+         print(r.status_code, r.text)",
+        s.url()
+    );
+    let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
+    cmd.extend([PY, "-c", &script]);
+    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
+    assert_audited(&f, "python3");
+}
+
 const JAVA_MAIN: &str = r#"
 import java.net.URI;
 import java.net.http.HttpClient;
