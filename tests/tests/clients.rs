@@ -24,6 +24,7 @@ const PY: &str = "/usr/bin/python3";
 const NPM: &str = "/usr/bin/npm";
 const JAVA: &str = "/usr/bin/java";
 const KEYTOOL: &str = "/usr/bin/keytool";
+const NODE: &str = "/usr/bin/node";
 /// Debian's bundle, the one wget (GnuTLS), npm's pinned `cafile` and Python read.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The only environment the clients get.
@@ -285,6 +286,60 @@ fn python_requests_trusts_the_system_bundle() {
     assert!(f.status.success(), "{f:#?}");
     assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
     assert_audited(&f, "python3");
+}
+
+const NODE_FETCH: &str = "
+const extra = process.env.NODE_EXTRA_CA_CERTS;
+if (process.env.NODE_OPTIONS || process.env.SSL_CERT_FILE) throw new Error('unexpected env');
+fetch(process.argv[2]).then(async (r) => console.log(r.status, await r.text(), extra || '-'))
+  .catch((e) => { console.log('error', e.cause ? e.cause.code : e.message); process.exit(3); });
+";
+
+/// Node's `fetch` trusts its own bundled roots, never the system store (no
+/// `--use-openssl-ca`), so the mount alone does not help: what makes it work is
+/// `NODE_EXTRA_CA_CERTS`, which egress sets (unless `--no-ca-env`) to its bundle of the
+/// system roots plus the CA, replacing any value it inherited. The command keeps only that
+/// variable of egress's environment; without it, under the mount, Node refuses.
+#[test]
+fn node_fetch_trusts_the_egress_ca_through_node_extra_ca_certs() {
+    need(NODE);
+    let s = site("127.0.97.5");
+    let js = s.dir.path("fetch.js");
+    std::fs::write(&js, NODE_FETCH).unwrap();
+    let node = format!("{NODE} {} {} 2>&1", js.display(), s.url());
+    let with_var = format!(
+        "{} NODE_EXTRA_CA_CERTS=\"$NODE_EXTRA_CA_CERTS\" {node}",
+        CLEAN_ENV.join(" ")
+    );
+    for extra in [&[][..], &["--no-ca-mount"]] {
+        let f = sh(&s.args(extra), &with_var);
+        assert!(f.status.success(), "{extra:?}: {f:#?}");
+        let line = f.stdout.trim();
+        let var = line
+            .strip_prefix(&format!("200 {} ", s.hello()))
+            .unwrap_or_else(|| panic!("{extra:?}: {f:#?}"));
+        assert!(
+            var.starts_with('/') && var != SYSTEM_BUNDLE,
+            "NODE_EXTRA_CA_CERTS should be egress's bundle: {f:#?}"
+        );
+        assert_audited(&f, "node");
+    }
+    assert_eq!(s.origin.requests().len(), 2);
+
+    // The mount, no variable at all: Node does not read the system store.
+    let f = sh(&s.args(&["--no-ca-env"]), &clean(&node));
+    assert_eq!(
+        f.status.code(),
+        Some(3),
+        "node trusted egress without the variable: {f:#?}"
+    );
+    assert!(
+        f.stdout.contains("SELF_SIGNED_CERT_IN_CHAIN")
+            || f.stdout.contains("UNABLE_TO_VERIFY_LEAF_SIGNATURE")
+            || f.stdout.contains("UNABLE_TO_GET_ISSUER_CERT_LOCALLY"),
+        "{f:#?}"
+    );
+    assert_eq!(s.origin.requests().len(), 2);
 }
 
 const JAVA_MAIN: &str = r#"
