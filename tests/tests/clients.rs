@@ -25,6 +25,7 @@ const NPM: &str = "/usr/bin/npm";
 const JAVA: &str = "/usr/bin/java";
 const KEYTOOL: &str = "/usr/bin/keytool";
 const NODE: &str = "/usr/bin/node";
+const RUBY: &str = "/usr/bin/ruby";
 /// Debian's bundle, the one wget (GnuTLS), npm's pinned `cafile` and Python read.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The only environment the clients get.
@@ -340,6 +341,34 @@ fn node_fetch_trusts_the_egress_ca_through_node_extra_ca_certs() {
         "{f:#?}"
     );
     assert_eq!(s.origin.requests().len(), 2);
+}
+
+/// Ruby's Net::HTTP verifies with OpenSSL's default paths, the system store: with the
+/// mount it gets through, without it it refuses the egress leaf.
+#[test]
+fn ruby_net_http_trusts_the_system_store() {
+    need(RUBY);
+    let s = site("127.0.97.6");
+    let script = format!(
+        "require 'net/http'; \
+         raise 'CA env' if ENV.key?('SSL_CERT_FILE') || ENV.key?('SSL_CERT_DIR'); \
+         r = Net::HTTP.get_response(URI('{}')); puts \"#{{r.code}} #{{r.body}}\"",
+        s.url()
+    );
+    let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
+    cmd.extend([RUBY, "-e", &script]);
+    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
+    assert_audited(&f, "ruby");
+
+    let f = Egress::run(&s.args(&["--no-ca-env", "--no-ca-mount"]), &cmd).finish();
+    assert!(
+        !f.status.success(),
+        "ruby trusted egress without the mount: {f:#?}"
+    );
+    assert!(f.stderr.contains("certificate verify failed"), "{f:#?}");
+    assert_eq!(s.origin.requests().len(), 1);
 }
 
 const JAVA_MAIN: &str = r#"
