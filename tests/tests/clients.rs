@@ -4,8 +4,10 @@
 //!
 //! Every client runs as `nobody` (egress's `--user`) under `env -i`, so no CA variable, the
 //! test runner's or egress's, can be what made it work; `--no-ca-env` is given as well.
+//! Node is the exception: it never reads the system store, and its test keeps
+//! `NODE_EXTRA_CA_CERTS` to show that the variable is what works for it.
 //! The origin is on loopback with its own test CA, which egress trusts upstream
-//! (`--upstream-ca`). Each test owns 127.0.9N.2.
+//! (`--upstream-ca`). Each test owns its addresses: 127.0.9N.2, 127.0.97.2-6, 127.0.98.2.
 
 use std::{
     path::{Path, PathBuf},
@@ -26,6 +28,7 @@ const JAVA: &str = "/usr/bin/java";
 const KEYTOOL: &str = "/usr/bin/keytool";
 const NODE: &str = "/usr/bin/node";
 const RUBY: &str = "/usr/bin/ruby";
+const GIT: &str = "/usr/bin/git";
 /// Debian's bundle, the one wget (GnuTLS), npm's pinned `cafile` and Python read.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The only environment the clients get.
@@ -369,6 +372,142 @@ fn ruby_net_http_trusts_the_system_store() {
     );
     assert!(f.stderr.contains("certificate verify failed"), "{f:#?}");
     assert_eq!(s.origin.requests().len(), 1);
+}
+
+/// A smart-HTTP git server: `git http-backend` as CGI behind Python's `http.server` in TLS.
+/// argv: project root, leaf DER, key DER (PKCS#8), address. Prints `ready` once listening.
+const GIT_SERVER: &str = r#"
+import base64, http.server, ssl, subprocess, sys
+root, cert, key, ip = sys.argv[1:]
+pem = root + "/leaf.pem"
+with open(pem, "w") as f:
+    f.write(ssl.DER_cert_to_PEM_cert(open(cert, "rb").read()))
+    f.write("-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(open(key, "rb").read()).decode()
+            + "-----END PRIVATE KEY-----\n")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.cgi()
+    def do_POST(self): self.cgi()
+    def cgi(self):
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = {"GIT_PROJECT_ROOT": root, "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path,
+               "QUERY_STRING": query, "REQUEST_METHOD": self.command,
+               "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": self.client_address[0],
+               "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""), "PATH": "/usr/bin:/bin"}
+        out = subprocess.run(["/usr/bin/git", "http-backend"], input=body, env=env,
+                             capture_output=True, check=True).stdout
+        head, _, rest = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.decode().split("\r\n"):
+            k, _, v = line.partition(": ")
+            if k.lower() == "status":
+                status = int(v.split()[0])
+            else:
+                headers.append((k, v))
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(pem)
+srv = http.server.ThreadingHTTPServer((ip, 443), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
+/// Kills the child this test started when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `git ls-remote` over smart HTTP: git's libcurl verifies with the system bundle. Protocol
+/// v2 is a GET of info/refs and a POST of ls-refs, both audited as git-remote-https's.
+#[test]
+fn git_ls_remote_over_https_trusts_the_system_store() {
+    use std::io::BufRead;
+    need(GIT);
+    need(PY);
+    let ip = "127.0.98.2";
+    let dir = TempDir::new("clients-git");
+    let ca = TestCa::new("egress-test-clients-git-ca");
+    let ca_file = dir.path("origin-ca.pem");
+    ca.write_pem(&ca_file);
+    let (chain, key) = ca.leaf(&["origin.test", ip]);
+    std::fs::write(dir.path("leaf.der"), chain[0].as_ref()).unwrap();
+    std::fs::write(dir.path("key.der"), key.secret_der()).unwrap();
+    let root = dir.path("root");
+    std::fs::create_dir(&root).unwrap();
+    let made = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "set -e; cd {root}; {GIT} init -q -b main --bare repo.git; \
+             t=$({GIT} -C repo.git mktree </dev/null); \
+             c=$(GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t GIT_COMMITTER_NAME=t \
+                 GIT_COMMITTER_EMAIL=t@t {GIT} -C repo.git commit-tree $t -m init); \
+             {GIT} -C repo.git update-ref refs/heads/main $c; echo $c",
+            root = root.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let commit = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let mut server = KillOnDrop(
+        std::process::Command::new(PY)
+            .args(["-c", GIT_SERVER])
+            .arg(&root)
+            .arg(dir.path("leaf.der"))
+            .arg(dir.path("key.der"))
+            .arg(ip)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the git server did not start");
+
+    let args = [
+        "--no-ca-env",
+        "--upstream-ca",
+        ca_file.to_str().unwrap(),
+        "--private-ok",
+        "127.0.0.0/8",
+        "--allow",
+        "origin.test",
+    ];
+    let f = sh(
+        &args,
+        &clean(&format!(
+            "{GIT} -c http.curloptResolve=origin.test:443:{ip} ls-remote \
+             https://origin.test/repo.git 2>&1"
+        )),
+    );
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(
+        f.stdout,
+        format!("{commit}\tHEAD\n{commit}\trefs/heads/main\n"),
+        "{f:#?}"
+    );
+    let a = f.audit_of("request");
+    assert_eq!(a.len(), 2, "{:#?}", f.audit);
+    for r in a {
+        // comm is the kernel's 15 bytes of git-remote-https.
+        assert_eq!(r["comm"], "git-remote-http", "{r:#}");
+        assert_eq!(r["decision"], "allow", "{r:#}");
+        assert_eq!(r["host"], "origin.test", "{r:#}");
+        assert_eq!(r["status"], 200, "{r:#}");
+    }
 }
 
 const JAVA_MAIN: &str = r#"
