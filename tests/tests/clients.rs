@@ -7,7 +7,7 @@
 //! Node is the exception: it never reads the system store, and its test keeps
 //! `NODE_EXTRA_CA_CERTS` to show that the variable is what works for it.
 //! The origin is on loopback with its own test CA, which egress trusts upstream
-//! (`--upstream-ca`). Each test owns its addresses: 127.0.9N.2, 127.0.97.2-6, 127.0.98.2.
+//! (`--upstream-ca`). Each test owns its addresses: 127.0.9N.2, 127.0.97.2-6, 127.0.98.2-3.
 
 use std::{
     path::{Path, PathBuf},
@@ -29,6 +29,7 @@ const KEYTOOL: &str = "/usr/bin/keytool";
 const NODE: &str = "/usr/bin/node";
 const RUBY: &str = "/usr/bin/ruby";
 const GIT: &str = "/usr/bin/git";
+const GO: &str = "/usr/bin/go";
 /// Debian's bundle, the one wget (GnuTLS), npm's pinned `cafile` and Python read.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The only environment the clients get.
@@ -508,6 +509,71 @@ fn git_ls_remote_over_https_trusts_the_system_store() {
         assert_eq!(r["host"], "origin.test", "{r:#}");
         assert_eq!(r["status"], 200, "{r:#}");
     }
+}
+
+const GO_MAIN: &str = r#"
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+)
+
+func main() {
+	r, err := http.Get(os.Args[1])
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(3)
+	}
+	b, _ := io.ReadAll(r.Body)
+	fmt.Println(r.StatusCode, string(b))
+}
+"#;
+
+/// Go's crypto/x509 reads the system bundle (no SSL_CERT_FILE/SSL_CERT_DIR here): a static
+/// `http.Get` binary, built on the host, gets through with the mount and not without it.
+#[test]
+fn go_http_get_trusts_the_system_store() {
+    need(GO);
+    let s = site("127.0.98.3");
+    let src = s.dir.path("goget.go");
+    std::fs::write(&src, GO_MAIN).unwrap();
+    let bin = s.dir.path("goget");
+    let built = std::process::Command::new(GO)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", s.dir.path("home"))
+        .env("GOCACHE", s.dir.path("gocache"))
+        .env("GOPATH", s.dir.path("gopath"))
+        .env("GOPROXY", "off")
+        .env("GO111MODULE", "off")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "go build: {built:?}");
+    let cmd = clean(&format!("{} {} 2>&1", bin.display(), s.url()));
+    let f = sh(&s.args(&["--no-ca-env"]), &cmd);
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
+    assert_audited(&f, "goget");
+
+    let f = sh(&s.args(&["--no-ca-env", "--no-ca-mount"]), &cmd);
+    assert_eq!(
+        f.status.code(),
+        Some(3),
+        "go trusted egress without the mount: {f:#?}"
+    );
+    assert!(
+        f.stdout
+            .contains("x509: certificate signed by unknown authority"),
+        "{f:#?}"
+    );
+    assert_eq!(s.origin.requests().len(), 1);
 }
 
 const JAVA_MAIN: &str = r#"

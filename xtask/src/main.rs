@@ -143,6 +143,9 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-requests",
     "ruby",
     "git",
+    // And Go's crypto/x509 (an `http.Get` the test builds): 81 MB to fetch and
+    // 464 MB on disk here, without recommends.
+    "golang-go",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds per fuzz target in `cargo xtask test`: one minute for the four; building the
