@@ -4,8 +4,10 @@
 //!
 //! Every client runs as `nobody` (egress's `--user`) under `env -i`, so no CA variable, the
 //! test runner's or egress's, can be what made it work; `--no-ca-env` is given as well.
+//! Node is the exception: it never reads the system store, and its test keeps
+//! `NODE_EXTRA_CA_CERTS` to show that the variable is what works for it.
 //! The origin is on loopback with its own test CA, which egress trusts upstream
-//! (`--upstream-ca`). Each test owns 127.0.9N.2.
+//! (`--upstream-ca`). Each test owns its addresses: 127.0.9N.2, 127.0.97.2-6, 127.0.98.2-3.
 
 use std::{
     path::{Path, PathBuf},
@@ -24,6 +26,10 @@ const PY: &str = "/usr/bin/python3";
 const NPM: &str = "/usr/bin/npm";
 const JAVA: &str = "/usr/bin/java";
 const KEYTOOL: &str = "/usr/bin/keytool";
+const NODE: &str = "/usr/bin/node";
+const RUBY: &str = "/usr/bin/ruby";
+const GIT: &str = "/usr/bin/git";
+const GO: &str = "/usr/bin/go";
 /// Debian's bundle, the one wget (GnuTLS), npm's pinned `cafile` and Python read.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The only environment the clients get.
@@ -83,6 +89,16 @@ impl Site {
     fn hello(&self) -> String {
         format!("hello from {}", self.ip)
     }
+}
+
+/// egress audited exactly one request, from `comm`, allowed and intercepted.
+fn assert_audited(f: &Finished, comm: &str) {
+    let a = f.audit_of("request");
+    assert_eq!(a.len(), 1, "{:#?}", f.audit);
+    assert_eq!(a[0]["comm"], comm, "{:#}", a[0]);
+    assert_eq!(a[0]["decision"], "allow", "{:#}", a[0]);
+    assert_eq!(a[0]["tls"], "mitm", "{:#}", a[0]);
+    assert_eq!(a[0]["status"], 200, "{:#}", a[0]);
 }
 
 /// `sh -c SCRIPT` in the sandbox.
@@ -222,6 +238,340 @@ fn npm_with_cafile_pinned_to_the_system_bundle() {
             || f.stdout.contains("UNABLE_TO_VERIFY_LEAF_SIGNATURE")
             || f.stdout.contains("UNABLE_TO_GET_ISSUER_CERT_LOCALLY"),
         "npm should refuse the egress leaf: {f:#?}"
+    );
+    assert_eq!(s.origin.requests().len(), 1);
+}
+
+/// curl offered only h2, or only HTTP/1.1, over TLS it verifies with the mounted bundle
+/// (`--cacert` names it explicitly, so curl's build-time default plays no part): egress's
+/// ALPN answer follows the client's.
+#[test]
+fn curl_over_http2_and_http1_1_through_the_mounted_bundle() {
+    need(CURL);
+    for (ip, flag, version) in [
+        ("127.0.97.2", "--http2", "2"),
+        ("127.0.97.3", "--http1.1", "1.1"),
+    ] {
+        let s = site(ip);
+        let f = sh(
+            &s.args(&["--no-ca-env"]),
+            &clean(&format!(
+                "{CURL} -sS {flag} --cacert {SYSTEM_BUNDLE} -w ' %{{http_code}} %{{http_version}}' \
+                 --resolve origin.test:443:{ip} https://origin.test/hello"
+            )),
+        );
+        assert!(f.status.success(), "curl {flag}: {f:#?}");
+        assert_eq!(
+            f.stdout,
+            format!("hello from origin.test 200 {version}"),
+            "curl {flag}: {f:#?}"
+        );
+        assert_audited(&f, "curl");
+        assert_eq!(s.origin.requests().len(), 1, "curl {flag}");
+    }
+}
+
+/// Debian's `requests` takes its bundle from Debian's certifi, whose `where()` is the
+/// system bundle: with no CA variable it verifies through the mounted file.
+#[test]
+fn python_requests_trusts_the_system_bundle() {
+    need(PY);
+    let s = site("127.0.97.4");
+    let script = format!(
+        "import os, certifi, requests\n\
+         assert not any(v in os.environ for v in ('REQUESTS_CA_BUNDLE', 'CURL_CA_BUNDLE', 'SSL_CERT_FILE'))\n\
+         assert certifi.where() == '{SYSTEM_BUNDLE}', certifi.where()\n\
+         r = requests.get('{}', timeout=20)\n\
+         print(r.status_code, r.text)",
+        s.url()
+    );
+    let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
+    cmd.extend([PY, "-c", &script]);
+    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
+    assert_audited(&f, "python3");
+}
+
+const NODE_FETCH: &str = "
+const extra = process.env.NODE_EXTRA_CA_CERTS;
+if (process.env.NODE_OPTIONS || process.env.SSL_CERT_FILE) throw new Error('unexpected env');
+fetch(process.argv[2]).then(async (r) => console.log(r.status, await r.text(), extra || '-'))
+  .catch((e) => { console.log('error', e.cause ? e.cause.code : e.message); process.exit(3); });
+";
+
+/// Node's `fetch` trusts its own bundled roots, never the system store (no
+/// `--use-openssl-ca`), so the mount alone does not help: what makes it work is
+/// `NODE_EXTRA_CA_CERTS`, which egress sets (unless `--no-ca-env`) to its bundle of the
+/// system roots plus the CA, replacing any value it inherited. The command keeps only that
+/// variable of egress's environment; without it, under the mount, Node refuses.
+#[test]
+fn node_fetch_trusts_the_egress_ca_through_node_extra_ca_certs() {
+    need(NODE);
+    let s = site("127.0.97.5");
+    let js = s.dir.path("fetch.js");
+    std::fs::write(&js, NODE_FETCH).unwrap();
+    let node = format!("{NODE} {} {} 2>&1", js.display(), s.url());
+    let with_var = format!(
+        "{} NODE_EXTRA_CA_CERTS=\"$NODE_EXTRA_CA_CERTS\" {node}",
+        CLEAN_ENV.join(" ")
+    );
+    for extra in [&[][..], &["--no-ca-mount"]] {
+        let f = sh(&s.args(extra), &with_var);
+        assert!(f.status.success(), "{extra:?}: {f:#?}");
+        let line = f.stdout.trim();
+        let var = line
+            .strip_prefix(&format!("200 {} ", s.hello()))
+            .unwrap_or_else(|| panic!("{extra:?}: {f:#?}"));
+        assert!(
+            var.starts_with('/') && var != SYSTEM_BUNDLE,
+            "NODE_EXTRA_CA_CERTS should be egress's bundle: {f:#?}"
+        );
+        assert_audited(&f, "node");
+    }
+    assert_eq!(s.origin.requests().len(), 2);
+
+    // The mount, no variable at all: Node does not read the system store.
+    let f = sh(&s.args(&["--no-ca-env"]), &clean(&node));
+    assert_eq!(
+        f.status.code(),
+        Some(3),
+        "node trusted egress without the variable: {f:#?}"
+    );
+    assert!(
+        f.stdout.contains("SELF_SIGNED_CERT_IN_CHAIN")
+            || f.stdout.contains("UNABLE_TO_VERIFY_LEAF_SIGNATURE")
+            || f.stdout.contains("UNABLE_TO_GET_ISSUER_CERT_LOCALLY"),
+        "{f:#?}"
+    );
+    assert_eq!(s.origin.requests().len(), 2);
+}
+
+/// Ruby's Net::HTTP verifies with OpenSSL's default paths, the system store: with the
+/// mount it gets through, without it it refuses the egress leaf.
+#[test]
+fn ruby_net_http_trusts_the_system_store() {
+    need(RUBY);
+    let s = site("127.0.97.6");
+    let script = format!(
+        "require 'net/http'; \
+         raise 'CA env' if ENV.key?('SSL_CERT_FILE') || ENV.key?('SSL_CERT_DIR'); \
+         r = Net::HTTP.get_response(URI('{}')); puts \"#{{r.code}} #{{r.body}}\"",
+        s.url()
+    );
+    let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
+    cmd.extend([RUBY, "-e", &script]);
+    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
+    assert_audited(&f, "ruby");
+
+    let f = Egress::run(&s.args(&["--no-ca-env", "--no-ca-mount"]), &cmd).finish();
+    assert!(
+        !f.status.success(),
+        "ruby trusted egress without the mount: {f:#?}"
+    );
+    assert!(f.stderr.contains("certificate verify failed"), "{f:#?}");
+    assert_eq!(s.origin.requests().len(), 1);
+}
+
+/// A smart-HTTP git server: `git http-backend` as CGI behind Python's `http.server` in TLS.
+/// argv: project root, leaf DER, key DER (PKCS#8), address. Prints `ready` once listening.
+const GIT_SERVER: &str = r#"
+import base64, http.server, ssl, subprocess, sys
+root, cert, key, ip = sys.argv[1:]
+pem = root + "/leaf.pem"
+with open(pem, "w") as f:
+    f.write(ssl.DER_cert_to_PEM_cert(open(cert, "rb").read()))
+    f.write("-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(open(key, "rb").read()).decode()
+            + "-----END PRIVATE KEY-----\n")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.cgi()
+    def do_POST(self): self.cgi()
+    def cgi(self):
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = {"GIT_PROJECT_ROOT": root, "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path,
+               "QUERY_STRING": query, "REQUEST_METHOD": self.command,
+               "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "REMOTE_ADDR": self.client_address[0],
+               "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""), "PATH": "/usr/bin:/bin"}
+        out = subprocess.run(["/usr/bin/git", "http-backend"], input=body, env=env,
+                             capture_output=True, check=True).stdout
+        head, _, rest = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.decode().split("\r\n"):
+            k, _, v = line.partition(": ")
+            if k.lower() == "status":
+                status = int(v.split()[0])
+            else:
+                headers.append((k, v))
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(pem)
+srv = http.server.ThreadingHTTPServer((ip, 443), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
+/// Kills the child this test started when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `git ls-remote` over smart HTTP: git's libcurl verifies with the system bundle. Protocol
+/// v2 is a GET of info/refs and a POST of ls-refs, both audited as git-remote-https's.
+#[test]
+fn git_ls_remote_over_https_trusts_the_system_store() {
+    use std::io::BufRead;
+    need(GIT);
+    need(PY);
+    let ip = "127.0.98.2";
+    let dir = TempDir::new("clients-git");
+    let ca = TestCa::new("egress-test-clients-git-ca");
+    let ca_file = dir.path("origin-ca.pem");
+    ca.write_pem(&ca_file);
+    let (chain, key) = ca.leaf(&["origin.test", ip]);
+    std::fs::write(dir.path("leaf.der"), chain[0].as_ref()).unwrap();
+    std::fs::write(dir.path("key.der"), key.secret_der()).unwrap();
+    let root = dir.path("root");
+    std::fs::create_dir(&root).unwrap();
+    let made = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "set -e; cd {root}; {GIT} init -q -b main --bare repo.git; \
+             t=$({GIT} -C repo.git mktree </dev/null); \
+             c=$(GIT_AUTHOR_NAME=t GIT_AUTHOR_EMAIL=t@t GIT_COMMITTER_NAME=t \
+                 GIT_COMMITTER_EMAIL=t@t {GIT} -C repo.git commit-tree $t -m init); \
+             {GIT} -C repo.git update-ref refs/heads/main $c; echo $c",
+            root = root.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let commit = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let mut server = KillOnDrop(
+        std::process::Command::new(PY)
+            .args(["-c", GIT_SERVER])
+            .arg(&root)
+            .arg(dir.path("leaf.der"))
+            .arg(dir.path("key.der"))
+            .arg(ip)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the git server did not start");
+
+    let args = [
+        "--no-ca-env",
+        "--upstream-ca",
+        ca_file.to_str().unwrap(),
+        "--private-ok",
+        "127.0.0.0/8",
+        "--allow",
+        "origin.test",
+    ];
+    let f = sh(
+        &args,
+        &clean(&format!(
+            "{GIT} -c http.curloptResolve=origin.test:443:{ip} ls-remote \
+             https://origin.test/repo.git 2>&1"
+        )),
+    );
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(
+        f.stdout,
+        format!("{commit}\tHEAD\n{commit}\trefs/heads/main\n"),
+        "{f:#?}"
+    );
+    let a = f.audit_of("request");
+    assert_eq!(a.len(), 2, "{:#?}", f.audit);
+    for r in a {
+        // comm is the kernel's 15 bytes of git-remote-https.
+        assert_eq!(r["comm"], "git-remote-http", "{r:#}");
+        assert_eq!(r["decision"], "allow", "{r:#}");
+        assert_eq!(r["host"], "origin.test", "{r:#}");
+        assert_eq!(r["status"], 200, "{r:#}");
+    }
+}
+
+const GO_MAIN: &str = r#"
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+)
+
+func main() {
+	r, err := http.Get(os.Args[1])
+	if err != nil {
+		fmt.Println("error:", err)
+		os.Exit(3)
+	}
+	b, _ := io.ReadAll(r.Body)
+	fmt.Println(r.StatusCode, string(b))
+}
+"#;
+
+/// Go's crypto/x509 reads the system bundle (no SSL_CERT_FILE/SSL_CERT_DIR here): a static
+/// `http.Get` binary, built on the host, gets through with the mount and not without it.
+#[test]
+fn go_http_get_trusts_the_system_store() {
+    need(GO);
+    let s = site("127.0.98.3");
+    let src = s.dir.path("goget.go");
+    std::fs::write(&src, GO_MAIN).unwrap();
+    let bin = s.dir.path("goget");
+    let built = std::process::Command::new(GO)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", s.dir.path("home"))
+        .env("GOCACHE", s.dir.path("gocache"))
+        .env("GOPATH", s.dir.path("gopath"))
+        .env("GOPROXY", "off")
+        .env("GO111MODULE", "off")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "go build: {built:?}");
+    let cmd = clean(&format!("{} {} 2>&1", bin.display(), s.url()));
+    let f = sh(&s.args(&["--no-ca-env"]), &cmd);
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
+    assert_audited(&f, "goget");
+
+    let f = sh(&s.args(&["--no-ca-env", "--no-ca-mount"]), &cmd);
+    assert_eq!(
+        f.status.code(),
+        Some(3),
+        "go trusted egress without the mount: {f:#?}"
+    );
+    assert!(
+        f.stdout
+            .contains("x509: certificate signed by unknown authority"),
+        "{f:#?}"
     );
     assert_eq!(s.origin.requests().len(), 1);
 }

@@ -138,6 +138,14 @@ const TEST_PACKAGES: &[&str] = &[
     // 111 MB of packages: fetching and unpacking them took under 10 s here.
     "wget",
     "default-jdk-headless",
+    // More of them: Python's requests (Debian's certifi is the system bundle), Ruby's
+    // Net::HTTP, and git over smart HTTP (libcurl, served by `git http-backend`).
+    "python3-requests",
+    "ruby",
+    "git",
+    // And Go's crypto/x509 (an `http.Get` the test builds): 81 MB to fetch and
+    // 464 MB on disk here, without recommends.
+    "golang-go",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds per fuzz target in `cargo xtask test`: one minute for the four; building the
