@@ -34,6 +34,7 @@ use crate::{
     netns,
     policy::HostDecision,
     state::{ListenStats, SandboxState, Shared},
+    upstream,
 };
 
 /// How long a client may take, in all, to send enough bytes to tell TLS from HTTP.
@@ -230,6 +231,25 @@ fn audit_refused(
     }));
 }
 
+/// Starts the upstream connection of an allowed server name while the client's handshake
+/// runs, when the checks that need only the name and the destination pass (DNS pinning,
+/// DoH addresses, private destinations). The request itself is judged as always before
+/// anything is sent on it.
+fn dial_ahead(
+    conn: &Conn,
+    policy: &crate::policy::SandboxPolicy,
+    name: &str,
+    sni: Option<&str>,
+) -> Option<upstream::Ahead> {
+    let dst = conn.meta.orig_dst.0;
+    let sb = &conn.sandbox;
+    let resolved = |n: &str| sb.pins.resolves_to(sb.id, n, dst.ip());
+    if decide::connection_refusal(policy, name, dst.ip(), &resolved).is_some() {
+        return None;
+    }
+    sb.pool.dial_ahead(upstream::PoolKey::tls(dst, sni))
+}
+
 async fn handle(mut stream: TcpStream, conn: Conn) {
     conn.shared.audit.wait_for_space().await;
     let _ = stream.set_nodelay(true);
@@ -317,10 +337,12 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
                     }
                     passthrough::splice(stream, &conn, &name, &rule).await
                 }
-                // Denied names are intercepted too, so that the client gets a readable 403.
-                HostDecision::Allow { .. } | HostDecision::Deny { .. } => {
-                    mitm::intercept(stream, conn, hello).await
+                HostDecision::Allow { .. } => {
+                    let ahead = dial_ahead(&conn, &live.sandbox, &name, hello.sni.as_deref());
+                    mitm::intercept(stream, conn, hello, ahead).await
                 }
+                // Denied names are intercepted too, so that the client gets a readable 403.
+                HostDecision::Deny { .. } => mitm::intercept(stream, conn, hello, None).await,
             }
         }
         sniff::Sniff::Http => {
@@ -330,6 +352,7 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
                     conn,
                     sni: None,
                     tls: false,
+                    ahead: Default::default(),
                 }),
             )
             .await

@@ -81,7 +81,7 @@ pub struct SandboxState {
     pub pins: Pins,
     pub counters: Counters,
     /// Upstream connections, leaving from wherever this sandbox's traffic should leave.
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     /// Resolvers that permitted DNS queries are forwarded to; swapped with the pool's
     /// connector when the sandbox's namespace changes.
     pub resolvers: ArcSwap<dns::upstream::Upstreams>,
@@ -105,7 +105,7 @@ impl SandboxState {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             pins: Pins::new(PIN_CAPACITY, PIN_MIN_TTL),
             counters: Counters::default(),
-            pool,
+            pool: Arc::new(pool),
             resolvers: ArcSwap::from_pointee(resolvers),
             conns: TaskTracker::new(),
             cut: CancellationToken::new(),

@@ -113,6 +113,51 @@ pub struct PoolKey {
     pub tls_name: Option<String>,
 }
 
+impl PoolKey {
+    /// The key of an intercepted TLS connection: the upstream must present a certificate
+    /// for the name the client asked for (its SNI), or for the address when it sent none.
+    pub fn tls(dst: SocketAddr, sni: Option<&str>) -> Self {
+        PoolKey {
+            dst,
+            tls_name: Some(sni.map_or_else(|| dst.ip().to_string(), str::to_owned)),
+        }
+    }
+}
+
+/// An upstream connection started before the request that needs it, while the client is
+/// still in its TLS handshake: a first visit then waits for the slower of the two
+/// handshakes, not for both in turn. Dropped unclaimed, the connection joins the pool.
+pub struct Ahead {
+    made: Option<tokio::sync::oneshot::Receiver<Result<Sender, Error>>>,
+    pool: Arc<Pool>,
+    key: PoolKey,
+}
+
+impl Ahead {
+    /// Waits for the connection; `None` if its task is gone (the runtime shutting down).
+    async fn claim(mut self) -> Option<Result<Sender, Error>> {
+        // Awaited in place, so that a request cancelled meanwhile drops `self` with the
+        // receiver in it and the connection still reaches the pool.
+        let made = self.made.as_mut()?.await.ok();
+        self.made = None;
+        made
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        let Some(mut made) = self.made.take() else {
+            return;
+        };
+        // Closed first, so the dialing task either sees the close (and checks its
+        // connection in itself) or has already sent what is read here.
+        made.close();
+        if let Ok(Ok(s)) = made.try_recv() {
+            self.pool.checkin(&self.key, s);
+        }
+    }
+}
+
 enum Entry {
     H2(http2::SendRequest<Body>),
     H1(Vec<http1::SendRequest<Body>>),
@@ -128,7 +173,7 @@ pub struct Pool {
     entries: Mutex<HashMap<PoolKey, Entry>>,
 }
 
-enum Sender {
+pub(crate) enum Sender {
     H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
 }
@@ -157,6 +202,40 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// Starts connecting to `key` now, for a request still to come; `None` when a pooled
+    /// connection would serve it already.
+    pub fn dial_ahead(self: &Arc<Self>, key: PoolKey) -> Option<Ahead> {
+        if self.has_ready(&key) {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pool = Arc::clone(self);
+        let dial_key = key.clone();
+        tokio::spawn(async move {
+            let made = pool.connect(&dial_key, false).await;
+            if let Err(Ok(s)) = tx.send(made) {
+                // Its client went before a request, or the request found a pooled
+                // connection: keep this one for the next.
+                pool.checkin(&dial_key, s);
+            }
+        });
+        Some(Ahead {
+            made: Some(rx),
+            pool: Arc::clone(self),
+            key,
+        })
+    }
+
+    /// Whether a request to `key` would find a pooled connection now.
+    pub fn has_ready(&self, key: &PoolKey) -> bool {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match entries.get(key) {
+            Some(Entry::H2(s)) => !s.is_closed(),
+            Some(Entry::H1(idle)) => idle.iter().any(|s| !s.is_closed() && s.is_ready()),
+            None => false,
+        }
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<Sender> {
@@ -194,15 +273,22 @@ impl Pool {
     }
 
     /// Sends a request (URI and headers already in upstream form for either protocol; see
-    /// [`prepare`]) and returns the response head with its body still streaming.
+    /// [`prepare`]) and returns the response head with its body still streaming. A pooled
+    /// connection goes first, then the one dialed `ahead`, then a new one.
     pub async fn send(
         &self,
         key: &PoolKey,
         req: Request<Body>,
+        ahead: Option<Ahead>,
     ) -> Result<Response<Incoming>, Error> {
-        let sender = match self.checkout(key) {
-            Some(s) => s,
-            None => self.connect(key, false).await?,
+        // An unclaimed `ahead` joins the pool when dropped.
+        let sender = match (self.checkout(key), ahead) {
+            (Some(s), _) => s,
+            (None, Some(ahead)) => match ahead.claim().await {
+                Some(made) => made?,
+                None => self.connect(key, false).await?,
+            },
+            (None, None) => self.connect(key, false).await?,
         };
         let dst = key.dst;
         match sender {
@@ -234,7 +320,10 @@ impl Pool {
         &self,
         key: &PoolKey,
         req: Request<Body>,
+        ahead: Option<Ahead>,
     ) -> Result<Response<Incoming>, Error> {
+        // Never upgraded: it joins the pool for the requests after this one.
+        drop(ahead);
         let Sender::H1(mut s) = self.connect(key, true).await? else {
             unreachable!("connect(h1_only) yields HTTP/1.1")
         };

@@ -657,3 +657,71 @@ async fn a_request_cancelled_after_it_was_forwarded_is_audited_once() {
         );
     }
 }
+
+/// The upstream connection of an allowed name is made while the client is still in its
+/// TLS handshake, not after its first request; the first request then uses it, and one
+/// left unclaimed serves the next client. A denied name gets no upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_name_is_dialed_during_the_client_handshake_and_the_connection_is_used() {
+    use tokio::io::AsyncWriteExt as _;
+    let h = Harness::start().await;
+    let count = |name: &str| {
+        h.origin
+            .handshakes()
+            .iter()
+            .filter(|s| s.as_deref() == Some(name))
+            .count()
+    };
+    // A client that sends its ClientHello for t.test and nothing more: the handshake with
+    // egress never completes.
+    let mut stalled = h.connect(Some(7)).await;
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(
+        tls_client_config(&h.egress_ca_pem),
+        "t.test".try_into().unwrap(),
+    )
+    .unwrap()
+    .write_tls(&mut hello)
+    .unwrap();
+    stalled.write_all(&hello).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count("t.test") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no upstream handshake for t.test while its client was in its handshake: {:?}",
+            h.origin.handshakes()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(stalled);
+
+    // The unclaimed connection joins the pool once egress sees the client go, and the
+    // next client's request rides on it.
+    let sb = h.shared.registry.get(7).unwrap();
+    let key = egress_user::upstream::PoolKey::tls(h.origin.addr(), Some("t.test"));
+    while !sb.pool.has_ready(&key) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection dialed for the stalled client never joined the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (status, _) = h.https(7, "t.test", "/hello", false, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(count("t.test"), 1, "{:?}", h.origin.handshakes());
+
+    // A first request claims the connection dialed for it rather than making another.
+    for (name, h2) in [("a.test", true), ("s.test", false)] {
+        let (status, _) = h.https(7, name, "/hello", h2, &[]).await;
+        assert_eq!(status, StatusCode::OK, "{name}");
+        assert_eq!(count(name), 1, "{name}: {:?}", h.origin.handshakes());
+    }
+
+    // b.test is not agent-a's: a 403, and nothing dialed toward it.
+    let (status, _) = h.https(7, "b.test", "/hello", true, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = h.https(7, "a.test", "/hello", true, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(count("b.test"), 0, "{:?}", h.origin.handshakes());
+    h.finish().await;
+}

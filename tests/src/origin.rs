@@ -196,6 +196,8 @@ pub struct SeenRequest {
 #[derive(Default)]
 struct Log {
     requests: Mutex<Vec<SeenRequest>>,
+    /// The SNI of every TLS handshake that completed, in order.
+    handshakes: Mutex<Vec<Option<String>>>,
     tls_failures: Mutex<Vec<String>>,
     /// `/hold` answers once this is set ([`Origin::release`]).
     released: AtomicBool,
@@ -318,6 +320,12 @@ impl Origin {
         self.log.release.notify_waiters();
     }
 
+    /// The server names of the TLS handshakes completed so far (`None` without SNI): one per
+    /// connection a client made, whether or not it sent a request on it.
+    pub fn handshakes(&self) -> Vec<Option<String>> {
+        self.log.handshakes.lock().unwrap().clone()
+    }
+
     /// TLS handshakes that failed, as rustls described them. Lets a test tell "egress refused
     /// the origin's certificate" apart from "egress never connected".
     pub fn tls_failures(&self) -> Vec<String> {
@@ -357,6 +365,7 @@ async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, log: Arc<L
                 Some(acceptor) => match acceptor.accept(tcp).await {
                     Ok(stream) => {
                         let sni = stream.get_ref().1.server_name().map(str::to_owned);
+                        log.handshakes.lock().unwrap().push(sni.clone());
                         serve_connection(http, stream, sni, peer, log).await;
                     }
                     Err(e) => log.tls_failures.lock().unwrap().push(e.to_string()),

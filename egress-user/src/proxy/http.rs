@@ -31,7 +31,7 @@ use crate::{
     audit::{self, Decision, Record, RequestRecord, TlsMode},
     policy::{hint::Fix, normalize_host, HostRule, SandboxPolicy},
     secrets::{self, Plan},
-    upstream::{Body, BoxError, PoolKey},
+    upstream::{Ahead, Body, BoxError, PoolKey},
 };
 
 /// Per client connection: who it is and how it arrived.
@@ -40,6 +40,9 @@ pub struct ConnInfo {
     /// SNI the client sent, when it arrived over TLS.
     pub sni: Option<String>,
     pub tls: bool,
+    /// The upstream connection dialed while the client was still in its handshake, for
+    /// the first request to claim.
+    pub ahead: std::sync::Mutex<Option<Ahead>>,
 }
 
 pub async fn serve<I>(io: I, conn: Arc<ConnInfo>)
@@ -365,10 +368,11 @@ async fn forward(
     };
     let req = Request::from_parts(parts, body);
     let pool = &conn.conn.sandbox.pool;
+    let ahead = conn.ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
     let sent = if upgrade {
-        pool.send_upgrade(&key, req).await
+        pool.send_upgrade(&key, req, ahead).await
     } else {
-        pool.send(&key, req).await
+        pool.send(&key, req, ahead).await
     };
     let mut resp = sent.map_err(|e| match violation.as_ref().and_then(|h| h.get()) {
         Some(v) => Unanswered::Refused(Refusal::secret(DenyCode::SecretNotAuthorized, v)),
@@ -387,11 +391,13 @@ async fn forward(
 /// certificate for that name.
 fn pool_key(conn: &ConnInfo) -> PoolKey {
     let dst = conn.conn.meta.orig_dst.0;
-    PoolKey {
-        dst,
-        tls_name: conn
-            .tls
-            .then(|| conn.sni.clone().unwrap_or_else(|| dst.ip().to_string())),
+    if conn.tls {
+        PoolKey::tls(dst, conn.sni.as_deref())
+    } else {
+        PoolKey {
+            dst,
+            tls_name: None,
+        }
     }
 }
 

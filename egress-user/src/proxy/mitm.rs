@@ -12,9 +12,17 @@ use super::{
     sniff::ClientHelloInfo,
     Conn,
 };
-use crate::tls::mint::{server_config, LeafId};
+use crate::{
+    tls::mint::{server_config, LeafId},
+    upstream::Ahead,
+};
 
-pub async fn intercept(stream: Prefixed<TcpStream>, conn: Conn, hello: ClientHelloInfo) {
+pub async fn intercept(
+    stream: Prefixed<TcpStream>,
+    conn: Conn,
+    hello: ClientHelloInfo,
+    ahead: Option<Ahead>,
+) {
     let id = match &hello.sni {
         Some(sni) => LeafId::from_host(sni),
         None => LeafId::from(conn.meta.orig_dst.0.ip()),
@@ -44,6 +52,7 @@ pub async fn intercept(stream: Prefixed<TcpStream>, conn: Conn, hello: ClientHel
         conn,
         sni: hello.sni,
         tls: true,
+        ahead: std::sync::Mutex::new(ahead),
     };
     http::serve(tls, Arc::new(info)).await;
 }
