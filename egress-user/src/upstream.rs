@@ -20,7 +20,7 @@ use hyper::{
     Request, Response,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 use crate::{netns::Connector, state::UpstreamTls};
@@ -158,8 +158,16 @@ impl Drop for Ahead {
     }
 }
 
+/// A pooled HTTP/2 connection and the certificate its upstream presented: other names it
+/// covers may share the connection (RFC 9113 §9.1.1).
+#[derive(Clone)]
+pub(crate) struct H2 {
+    send: http2::SendRequest<Body>,
+    cert: Option<Arc<CertificateDer<'static>>>,
+}
+
 enum Entry {
-    H2(http2::SendRequest<Body>),
+    H2(H2),
     H1(Vec<http1::SendRequest<Body>>),
 }
 
@@ -175,7 +183,7 @@ pub struct Pool {
 
 pub(crate) enum Sender {
     H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H2(H2),
 }
 
 impl Pool {
@@ -228,20 +236,42 @@ impl Pool {
         })
     }
 
-    /// Whether a request to `key` would find a pooled connection now.
+    /// Whether a request to `key` would find a pooled connection now, its own or an
+    /// HTTP/2 connection it may share.
     pub fn has_ready(&self, key: &PoolKey) -> bool {
+        let ready = {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            match entries.get(key) {
+                Some(Entry::H2(s)) => !s.send.is_closed(),
+                Some(Entry::H1(idle)) => idle.iter().any(|s| !s.is_closed() && s.is_ready()),
+                None => false,
+            }
+        };
+        ready || self.shareable(key).is_some()
+    }
+
+    /// An open HTTP/2 connection to the same destination whose certificate, verified when
+    /// it was made, also covers `key`'s name.
+    fn shareable(&self, key: &PoolKey) -> Option<H2> {
+        let name = ServerName::try_from(key.tls_name.as_deref()?).ok()?;
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        match entries.get(key) {
-            Some(Entry::H2(s)) => !s.is_closed(),
-            Some(Entry::H1(idle)) => idle.iter().any(|s| !s.is_closed() && s.is_ready()),
-            None => false,
-        }
+        entries.iter().find_map(|(k, e)| match e {
+            Entry::H2(h2)
+                if k.dst == key.dst
+                    && k.tls_name.is_some()
+                    && !h2.send.is_closed()
+                    && h2.cert.as_deref().is_some_and(|c| covers(c, &name)) =>
+            {
+                Some(h2.clone())
+            }
+            _ => None,
+        })
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<Sender> {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match entries.get_mut(key)? {
-            Entry::H2(s) if !s.is_closed() => Some(Sender::H2(s.clone())),
+            Entry::H2(s) if !s.send.is_closed() => Some(Sender::H2(s.clone())),
             Entry::H2(_) => {
                 entries.remove(key);
                 None
@@ -281,23 +311,48 @@ impl Pool {
         req: Request<Body>,
         ahead: Option<Ahead>,
     ) -> Result<Response<Incoming>, Error> {
+        if let Some(s) = self.checkout(key) {
+            return self.send_on(key, s, req).await;
+        }
+        // Another name's HTTP/2 connection, when its certificate covers this one. Only for
+        // requests without a body: a 421 (not served on that connection after all) is then
+        // replayed on a connection of its own.
+        if hyper::body::Body::is_end_stream(req.body()) {
+            if let Some(shared) = self.shareable(key) {
+                let req = prepare(req, http::Version::HTTP_2, key);
+                let replay = head_only(&req);
+                let resp = send_h2(&shared, req, key.dst).await?;
+                if resp.status() != http::StatusCode::MISDIRECTED_REQUEST {
+                    self.checkin(key, Sender::H2(shared));
+                    return Ok(resp);
+                }
+                let s = self.connect(key, false).await?;
+                return self.send_on(key, s, replay).await;
+            }
+        }
         // An unclaimed `ahead` joins the pool when dropped.
-        let sender = match (self.checkout(key), ahead) {
-            (Some(s), _) => s,
-            (None, Some(ahead)) => match ahead.claim().await {
+        let s = match ahead {
+            Some(ahead) => match ahead.claim().await {
                 Some(made) => made?,
                 None => self.connect(key, false).await?,
             },
-            (None, None) => self.connect(key, false).await?,
+            None => self.connect(key, false).await?,
         };
+        self.send_on(key, s, req).await
+    }
+
+    /// Sends on `sender` and returns it to the pool.
+    async fn send_on(
+        &self,
+        key: &PoolKey,
+        sender: Sender,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Error> {
         let dst = key.dst;
         match sender {
-            Sender::H2(mut s) => {
+            Sender::H2(s) => {
                 let req = prepare(req, http::Version::HTTP_2, key);
-                let resp = s
-                    .send_request(req)
-                    .await
-                    .map_err(|source| Error::Request { dst, source })?;
+                let resp = send_h2(&s, req, dst).await?;
                 self.checkin(key, Sender::H2(s));
                 Ok(resp)
             }
@@ -360,6 +415,12 @@ impl Pool {
             Ok(Ok(t)) => t,
         };
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| Arc::new(c.clone().into_owned()));
         if is_h2 && !h1_only {
             let (s, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -371,11 +432,40 @@ impl Pool {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
                 }
             });
-            Ok(Sender::H2(s))
+            Ok(Sender::H2(H2 { send: s, cert }))
         } else {
             h1(TokioIo::new(tls), dst, h1_only).await
         }
     }
+}
+
+async fn send_h2(
+    h2: &H2,
+    req: Request<Body>,
+    dst: SocketAddr,
+) -> Result<Response<Incoming>, Error> {
+    h2.send
+        .clone()
+        .send_request(req)
+        .await
+        .map_err(|source| Error::Request { dst, source })
+}
+
+/// A copy of a request that has no body, to send again elsewhere.
+fn head_only(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(Body::default());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether `cert` (an end-entity certificate already verified for another name) is valid
+/// for `name` too.
+fn covers(cert: &CertificateDer<'_>, name: &ServerName<'_>) -> bool {
+    webpki::EndEntityCert::try_from(cert)
+        .is_ok_and(|c| c.verify_is_valid_for_subject_name(name).is_ok())
 }
 
 async fn h1<T>(io: TokioIo<T>, dst: SocketAddr, upgrades: bool) -> Result<Sender, Error>

@@ -151,12 +151,17 @@ impl Harness {
     /// A TCP connection to the proxy listener that the "kernel" recorded as sandbox `id`'s
     /// connect to the origin, or unrecorded with `id == None`.
     async fn connect(&self, id: Option<u32>) -> tokio::net::TcpStream {
+        self.connect_to(id, self.origin.addr()).await
+    }
+
+    /// As [`Harness::connect`], recorded as a connect to `dst`.
+    async fn connect_to(&self, id: Option<u32>, dst: SocketAddr) -> tokio::net::TcpStream {
         let sock = TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let client = sock.local_addr().unwrap();
         if let Some(id) = id {
             let netns = egress_user::netns::socket_netns_cookie(&sock).unwrap();
-            let rec = sock_record(id, self.origin.addr(), 4242, "agent-tool");
+            let rec = sock_record(id, dst, 4242, "agent-tool");
             self.records.insert_conn(netns, client, self.listen(), rec);
         }
         sock.connect(self.listen()).await.unwrap()
@@ -172,7 +177,21 @@ impl Harness {
         h2: bool,
         headers: &[(&str, &str)],
     ) -> (StatusCode, String) {
-        let tcp = self.connect(Some(id)).await;
+        self.https_to(self.origin.addr(), id, sni, path, h2, headers)
+            .await
+    }
+
+    /// As [`Harness::https`], to the origin at `dst`.
+    async fn https_to(
+        &self,
+        dst: SocketAddr,
+        id: u32,
+        sni: &str,
+        path: &str,
+        h2: bool,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, String) {
+        let tcp = self.connect_to(Some(id), dst).await;
         let mut cfg = (*tls_client_config(&self.egress_ca_pem)).clone();
         cfg.alpn_protocols = vec![if h2 {
             b"h2".to_vec()
@@ -658,6 +677,15 @@ async fn a_request_cancelled_after_it_was_forwarded_is_audited_once() {
     }
 }
 
+/// Counts the origin's completed TLS handshakes for `name`.
+fn handshakes(origin: &Origin, name: &str) -> usize {
+    origin
+        .handshakes()
+        .iter()
+        .filter(|s| s.as_deref() == Some(name))
+        .count()
+}
+
 /// The upstream connection of an allowed name is made while the client is still in its
 /// TLS handshake, not after its first request; the first request then uses it, and one
 /// left unclaimed serves the next client. A denied name gets no upstream connection.
@@ -665,16 +693,12 @@ async fn a_request_cancelled_after_it_was_forwarded_is_audited_once() {
 async fn an_allowed_name_is_dialed_during_the_client_handshake_and_the_connection_is_used() {
     use tokio::io::AsyncWriteExt as _;
     let h = Harness::start().await;
-    let count = |name: &str| {
-        h.origin
-            .handshakes()
-            .iter()
-            .filter(|s| s.as_deref() == Some(name))
-            .count()
-    };
+    // An origin of its own, with a certificate for t.test alone: no connection to it can
+    // be shared with another name.
+    let other = Origin::start("127.0.0.1:0", Some(h.origin_ca.leaf(&["t.test"])));
     // A client that sends its ClientHello for t.test and nothing more: the handshake with
     // egress never completes.
-    let mut stalled = h.connect(Some(7)).await;
+    let mut stalled = h.connect_to(Some(7), other.addr()).await;
     let mut hello = Vec::new();
     rustls::ClientConnection::new(
         tls_client_config(&h.egress_ca_pem),
@@ -685,11 +709,11 @@ async fn an_allowed_name_is_dialed_during_the_client_handshake_and_the_connectio
     .unwrap();
     stalled.write_all(&hello).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while count("t.test") == 0 {
+    while handshakes(&other, "t.test") == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "no upstream handshake for t.test while its client was in its handshake: {:?}",
-            h.origin.handshakes()
+            other.handshakes()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -698,7 +722,7 @@ async fn an_allowed_name_is_dialed_during_the_client_handshake_and_the_connectio
     // The unclaimed connection joins the pool once egress sees the client go, and the
     // next client's request rides on it.
     let sb = h.shared.registry.get(7).unwrap();
-    let key = egress_user::upstream::PoolKey::tls(h.origin.addr(), Some("t.test"));
+    let key = egress_user::upstream::PoolKey::tls(other.addr(), Some("t.test"));
     while !sb.pool.has_ready(&key) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -706,22 +730,94 @@ async fn an_allowed_name_is_dialed_during_the_client_handshake_and_the_connectio
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (status, _) = h.https(7, "t.test", "/hello", false, &[]).await;
+    let (status, _) = h
+        .https_to(other.addr(), 7, "t.test", "/hello", false, &[])
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(count("t.test"), 1, "{:?}", h.origin.handshakes());
+    assert_eq!(handshakes(&other, "t.test"), 1, "{:?}", other.handshakes());
 
     // A first request claims the connection dialed for it rather than making another.
-    for (name, h2) in [("a.test", true), ("s.test", false)] {
-        let (status, _) = h.https(7, name, "/hello", h2, &[]).await;
-        assert_eq!(status, StatusCode::OK, "{name}");
-        assert_eq!(count(name), 1, "{name}: {:?}", h.origin.handshakes());
-    }
+    let (status, _) = h.https(7, "a.test", "/hello", true, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        handshakes(&h.origin, "a.test"),
+        1,
+        "{:?}",
+        h.origin.handshakes()
+    );
 
     // b.test is not agent-a's: a 403, and nothing dialed toward it.
     let (status, _) = h.https(7, "b.test", "/hello", true, &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, _) = h.https(7, "a.test", "/hello", true, &[]).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(count("b.test"), 0, "{:?}", h.origin.handshakes());
+    assert_eq!(
+        handshakes(&h.origin, "b.test"),
+        0,
+        "{:?}",
+        h.origin.handshakes()
+    );
+    h.finish().await;
+}
+
+/// A new name shares an HTTP/2 upstream connection to the same destination whose
+/// certificate covers it, with no dial of its own; a 421 from the upstream sends the
+/// request again on a connection of its own; a certificate that does not cover the name
+/// is never shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_name_shares_an_http2_upstream_connection_its_certificate_covers() {
+    let h = Harness::start().await;
+    // The origin's one certificate covers a.test, t.test and s.test.
+    let (status, _) = h.https(7, "a.test", "/hello", true, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = h.https(7, "t.test", "/hello", false, &[]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "hello from t.test")
+    );
+    assert_eq!(
+        h.origin.handshakes(),
+        [Some("a.test".to_owned())],
+        "t.test dialed a connection of its own"
+    );
+    let seen = h.origin.requests();
+    assert_eq!(seen[1].host, "t.test", "{seen:#?}");
+    assert_eq!(seen[1].sni.as_deref(), Some("a.test"), "{seen:#?}");
+
+    // An upstream that serves s.test only on its own connection answers 421 on the shared
+    // one; the client sees the answer from its own.
+    let (status, body) = h.https(7, "s.test", "/own-connection", true, &[]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "s.test on its own")
+    );
+    let tries: Vec<_> = h
+        .origin
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/own-connection")
+        .map(|r| r.sni)
+        .collect();
+    assert_eq!(tries.len(), 2, "{tries:?}");
+    assert_ne!(tries[0].as_deref(), Some("s.test"), "{tries:?}");
+    assert_eq!(tries[1].as_deref(), Some("s.test"), "{tries:?}");
+    assert_eq!(handshakes(&h.origin, "s.test"), 1);
+
+    // Another destination, whose certificate names t.test alone: a.test is not carried on
+    // its connection, and its own dial fails verification.
+    let other = Origin::start("127.0.0.1:0", Some(h.origin_ca.leaf(&["t.test"])));
+    let (status, _) = h
+        .https_to(other.addr(), 7, "t.test", "/hello", true, &[])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = h
+        .https_to(other.addr(), 7, "a.test", "/hello", true, &[])
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        other.requests().iter().all(|r| r.host != "a.test"),
+        "{:#?}",
+        other.requests()
+    );
     h.finish().await;
 }

@@ -409,6 +409,8 @@ async fn route(
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
+    // Whether the request names the server its connection was opened for.
+    let own_connection = sni.as_deref() == Some(host.split(':').next().unwrap_or_default());
     let idx = log.push(SeenRequest {
         method: req.method().to_string(),
         path_and_query: req
@@ -454,6 +456,14 @@ async fn route(
             full(StatusCode::OK, "text/plain", format!("hello from {host}"))
         }
         (&Method::GET, "/sse") => sse(),
+        // A server that serves each name only on connections opened for it: 421 to a
+        // request that shared another name's connection.
+        (&Method::GET, "/own-connection") if !own_connection => {
+            empty(StatusCode::MISDIRECTED_REQUEST)
+        }
+        (&Method::GET, "/own-connection") => {
+            full(StatusCode::OK, "text/plain", format!("{host} on its own"))
+        }
         // `npm ping` asks the registry this; any JSON object is a pong.
         (&Method::GET, "/-/ping") => full(StatusCode::OK, "application/json", "{}".into()),
         (&Method::GET, "/hold") => {
