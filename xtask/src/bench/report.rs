@@ -454,6 +454,18 @@ pub fn at_most_abs(value: Option<f64>, max: f64, unit: &str) -> Verdict {
 }
 
 /// Combines verdicts: met only if all are met.
+/// Metric 5's minting verdict from the extra proxy CPU per new host (seconds). A cost at or
+/// below zero is noise, not a measurement: no verdict can stand on it.
+fn mint_verdict(extra_cpu_s: Option<f64>) -> Verdict {
+    match extra_cpu_s {
+        Some(x) if x <= 0.0 => Verdict::Unknown(format!(
+            "extra CPU per new host {} µs is within noise",
+            num(x * 1e6)
+        )),
+        x => at_least_abs(x.map(|x| 1.0 / x), 10_000.0, "hosts/s per core"),
+    }
+}
+
 pub fn all(vs: Vec<Verdict>) -> Verdict {
     let text = vs
         .iter()
@@ -784,10 +796,9 @@ impl Report {
             "",
             None,
         ));
-        let implied = |k: &str| {
-            self.get(k, |p| p.mint.as_ref().and_then(Mint::extra_cpu_per_host))
-                .map(|x| if x > 0.0 { 1.0 / x } else { f64::INFINITY })
-        };
+        let mint_verdict = mint_verdict(self.get(EGRESS, |p| {
+            p.mint.as_ref().and_then(Mint::extra_cpu_per_host)
+        }));
         rows.push(self.row(
             "5. Extra proxy CPU per new host, µs (→ hosts/s one core could mint)",
             "mint",
@@ -800,7 +811,7 @@ impl Report {
                 })
             },
             "≥10,000 hosts/s",
-            Some(at_least_abs(implied(EGRESS), 10_000.0, "hosts/s per core")),
+            Some(mint_verdict),
         ));
 
         // 6. Idle memory.
@@ -1084,6 +1095,15 @@ mod tests {
         assert_eq!(ms(1234.0), "1.234");
         assert_eq!(ms_signed(-50.0), "-0.050");
         assert_eq!(ms_signed(150.0), "+0.150");
+    }
+
+    #[test]
+    fn a_minting_cost_within_noise_is_unknown_not_met() {
+        assert!(matches!(mint_verdict(Some(-1e-6)), Verdict::Unknown(_)));
+        assert!(matches!(mint_verdict(Some(0.0)), Verdict::Unknown(_)));
+        assert!(matches!(mint_verdict(None), Verdict::Unknown(_)));
+        assert!(matches!(mint_verdict(Some(35e-6)), Verdict::Met(_)));
+        assert!(matches!(mint_verdict(Some(500e-6)), Verdict::Missed(_)));
     }
 
     #[test]
