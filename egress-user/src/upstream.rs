@@ -389,7 +389,14 @@ impl Pool {
         })
     }
 
+    /// Boxed: the dial's state (a TLS handshake) is large, and inline it would make every
+    /// request's future that large, to be copied on each move, though most requests find a
+    /// pooled connection.
     async fn connect(&self, key: &PoolKey, h1_only: bool) -> Result<Sender, Error> {
+        Box::pin(self.dial(key, h1_only)).await
+    }
+
+    async fn dial(&self, key: &PoolKey, h1_only: bool) -> Result<Sender, Error> {
         let dst = key.dst;
         let tcp = connect_tcp(&self.via.load(), dst).await?;
         let Some(name) = &key.tls_name else {
