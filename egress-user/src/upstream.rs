@@ -318,10 +318,10 @@ impl Pool {
         // requests without a body: a 421 (not served on that connection after all) is then
         // replayed on a connection of its own.
         if hyper::body::Body::is_end_stream(req.body()) {
-            if let Some(shared) = self.shareable(key) {
+            if let Some(mut shared) = self.shareable(key) {
                 let req = prepare(req, http::Version::HTTP_2, key);
                 let replay = head_only(&req);
-                let resp = send_h2(&shared, req, key.dst).await?;
+                let resp = send_h2(&mut shared, req, key.dst).await?;
                 if resp.status() != http::StatusCode::MISDIRECTED_REQUEST {
                     self.checkin(key, Sender::H2(shared));
                     return Ok(resp);
@@ -350,9 +350,9 @@ impl Pool {
     ) -> Result<Response<Incoming>, Error> {
         let dst = key.dst;
         match sender {
-            Sender::H2(s) => {
+            Sender::H2(mut s) => {
                 let req = prepare(req, http::Version::HTTP_2, key);
-                let resp = send_h2(&s, req, dst).await?;
+                let resp = send_h2(&mut s, req, dst).await?;
                 self.checkin(key, Sender::H2(s));
                 Ok(resp)
             }
@@ -447,12 +447,11 @@ impl Pool {
 }
 
 async fn send_h2(
-    h2: &H2,
+    h2: &mut H2,
     req: Request<Body>,
     dst: SocketAddr,
 ) -> Result<Response<Incoming>, Error> {
     h2.send
-        .clone()
         .send_request(req)
         .await
         .map_err(|source| Error::Request { dst, source })
