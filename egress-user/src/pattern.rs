@@ -98,13 +98,23 @@ impl HostPattern {
             HostPattern::Subdomains(suffix) => {
                 host.len() > suffix.len() && host.ends_with(suffix.as_str())
             }
-            HostPattern::Net(net) => host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| net.contains(ip.to_canonical())),
+            HostPattern::Net(net) => {
+                may_be_ip(host)
+                    && host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<IpAddr>()
+                        .is_ok_and(|ip| net.contains(ip.to_canonical()))
+            }
         }
     }
+}
+
+/// False for a host that cannot be an IP literal: an IPv6 address has a colon, and an IPv4
+/// address ends in a digit, which a DNS name almost never does (no top-level domain does).
+/// It spares the IP parse for every name, per IP pattern and per request.
+fn may_be_ip(host: &str) -> bool {
+    host.contains(':') || host.as_bytes().last().is_some_and(u8::is_ascii_digit)
 }
 
 impl fmt::Display for HostPattern {
@@ -274,6 +284,39 @@ impl fmt::Display for TcpAllow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The shortcut never turns away a host that parses as an IP: any address, in any
+        /// of its spellings, still reaches the parse.
+        #[test]
+        fn every_ip_literal_may_be_an_ip(v4 in proptest::prelude::any::<[u8; 4]>(), v6 in proptest::prelude::any::<[u16; 8]>(), bracket in proptest::prelude::any::<bool>()) {
+            let v4 = std::net::Ipv4Addr::from(v4);
+            let v6 = std::net::Ipv6Addr::from(v6);
+            for ip in [IpAddr::V4(v4), IpAddr::V6(v6), IpAddr::V6(v4.to_ipv6_mapped())] {
+                let text = match (ip, bracket) {
+                    (IpAddr::V6(_), true) => format!("[{ip}]"),
+                    _ => ip.to_string(),
+                };
+                proptest::prop_assert!(may_be_ip(&text), "{text}");
+            }
+        }
+
+        /// Whatever the string, a host that parses as an IP gets past the shortcut.
+        #[test]
+        fn no_parseable_host_is_skipped(h in "[0-9a-f:.\\[\\]]{0,45}") {
+            let parses = h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok();
+            proptest::prop_assert!(!parses || may_be_ip(&h), "{h}");
+        }
+    }
+
+    #[test]
+    fn names_skip_the_ip_parse() {
+        assert!(!may_be_ip("api.example.com"));
+        assert!(!may_be_ip("1password.com"));
+        assert!(may_be_ip("192.0.2.7"));
+        assert!(may_be_ip("[2001:db8::1]"));
+        assert!(!pat("10.0.0.0/8").matches("example.com"));
+    }
 
     fn pat(s: &str) -> HostPattern {
         s.parse().unwrap()
