@@ -32,8 +32,12 @@ pub enum HostDecision {
 /// What the policy says about one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestDecision<'p> {
-    /// `rule`: the host rule that applies (its header edits are for the caller to make).
-    Allow { rule: Option<&'p HostRule> },
+    /// `rule`: the host rule that applies (its header edits are for the caller to make);
+    /// `listed`: the allow or passthrough entry that admitted the host.
+    Allow {
+        rule: Option<&'p HostRule>,
+        listed: String,
+    },
     Deny {
         reason: String,
         rule: String,
@@ -79,16 +83,19 @@ impl SandboxPolicy {
     /// The verdict for one request: the host lists, then the first host rule matching
     /// `host`. `path` may carry a query string; it is ignored.
     pub fn request_decision(&self, host: &str, method: &Method, path: &str) -> RequestDecision<'_> {
-        if let HostDecision::Deny { reason, rule } = self.host_decision(host) {
-            return RequestDecision::Deny {
-                reason: reason.to_owned(),
-                fix: Fix::for_host(host, &rule),
-                rule,
-            };
-        }
+        let listed = match self.host_decision(host) {
+            HostDecision::Deny { reason, rule } => {
+                return RequestDecision::Deny {
+                    reason: reason.to_owned(),
+                    fix: Fix::for_host(host, &rule),
+                    rule,
+                }
+            }
+            HostDecision::Allow { rule } | HostDecision::Passthrough { rule } => rule,
+        };
         let host = normalize_host(host);
         let Some(rule) = self.rules.iter().find(|r| r.host.matches(&host)) else {
-            return RequestDecision::Allow { rule: None };
+            return RequestDecision::Allow { rule: None, listed };
         };
         let deny = |what: String, fix: Fix| RequestDecision::Deny {
             reason: format!("{what} not allowed by rule {} ({})", rule.index, rule.host),
@@ -123,7 +130,10 @@ impl SandboxPolicy {
                 return deny(format!("path {path}"), fix);
             }
         }
-        RequestDecision::Allow { rule: Some(rule) }
+        RequestDecision::Allow {
+            rule: Some(rule),
+            listed,
+        }
     }
 
     /// Whether the DoH guard refuses `host` (normalized): a well-known DoH resolver that no
@@ -333,7 +343,10 @@ mod tests {
         );
         assert_eq!(
             a.request_decision("bank.example", &Method::POST, "/"),
-            RequestDecision::Allow { rule: None }
+            RequestDecision::Allow {
+                rule: None,
+                listed: "bank.example".into()
+            }
         );
     }
 
@@ -356,7 +369,7 @@ methods = ["POST"]
 "#,
         );
         let ok = |host, m: Method, path| match a.request_decision(host, &m, path) {
-            RequestDecision::Allow { rule } => rule.map(|r| r.index),
+            RequestDecision::Allow { rule, .. } => rule.map(|r| r.index),
             RequestDecision::Deny { reason, .. } => {
                 panic!("{m} {host}{path} should pass: {reason}")
             }

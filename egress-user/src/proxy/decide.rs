@@ -151,8 +151,10 @@ pub fn request<'p>(
             });
             (String::new(), None)
         }
-        RequestDecision::Allow { rule } => {
-            (rule.map(|r| r.host.to_string()).unwrap_or_default(), rule)
+        // The host rule names the request when one applies, else the list entry that
+        // admitted its host.
+        RequestDecision::Allow { rule, listed } => {
+            (rule.map_or(listed, |r| r.host.to_string()), rule)
         }
     };
     if refusal.is_none() && p.guards.doh {
@@ -166,14 +168,6 @@ pub fn request<'p>(
             refusal = Some(r);
         }
     }
-    let rule = if rule.is_empty() {
-        match p.host_decision(host) {
-            HostDecision::Allow { rule } | HostDecision::Passthrough { rule } => rule,
-            HostDecision::Deny { .. } => String::new(),
-        }
-    } else {
-        rule
-    };
     match refusal {
         None => Verdict {
             decision: Decision::Allow,
