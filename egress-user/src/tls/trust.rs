@@ -14,6 +14,13 @@ pub mod der;
 pub mod pkcs12;
 pub mod subject_hash;
 
+/// Certificates the trust tests share.
+#[cfg(test)]
+mod testdata {
+    /// `/CN=egress CA/O=egress` (CN and O as UTF8String), the shape of egress's own CA.
+    pub const EGRESS_CA: &str = include_str!("trust/testdata/egress-ca.pem");
+}
+
 use std::{
     collections::HashSet,
     fs, io,

@@ -192,19 +192,8 @@ MEUCIQDggc0rOo75xCm17bWKc/WqN6LDUycqDHsYOksM9ifjagIgK1EdFQNhbCXb6t00sSnqOaTu
 ipa7arAspKUTd744TfowQTAxMA0GCWCGSAFlAwQCAQUABCDOhpcK9k5fNfIbjfB8QQNm+b5kYDCY
 hPpgrkuudupfuwQIf/rf01jTOQMCAggA";
 
-    const CA: &str = "\
------BEGIN CERTIFICATE-----
-MIIBoTCCAUegAwIBAgIUIwKCaSShWHRGr3LT5cZv7z6BONEwCgYIKoZIzj0EAwIw
-JTESMBAGA1UEAwwJZWdyZXNzIENBMQ8wDQYDVQQKDAZlZ3Jlc3MwIBcNMjYxMTI3
-MjM0NTQ1WhgPMjEyNjExMDMyMzQ1NDVaMCUxEjAQBgNVBAMMCWVncmVzcyBDQTEP
-MA0GA1UECgwGZWdyZXNzMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEr5/Fh3n6
-HZnW6hBB3DddK0ev71dhqDp0HEVTSIuE1D6fy1VCMdc1wJH+lKy8r5wbaZ79x2Mu
-4RZqCG0Qqn56IKNTMFEwHQYDVR0OBBYEFG9FFdk6Il1sMkuO3mg4LytduLnTMB8G
-A1UdIwQYMBaAFG9FFdk6Il1sMkuO3mg4LytduLnTMA8GA1UdEwEB/wQFMAMBAf8w
-CgYIKoZIzj0EAwIDSAAwRQIhAOCBzSs6jvnEKbXttYpz9ao3osNTJyoMexg6Swz2
-J+NqAiArUR0VA2FsJdvq3TSxKeo5pO6KlrtqsCykpRN3vjhN+g==
------END CERTIFICATE-----
-";
+    /// egress's own CA shape, shared with the subject-hash tests.
+    const CA: &str = super::super::testdata::EGRESS_CA;
 
     /// The parts of a PFX: (authSafe content, MAC, salt, iterations).
     fn split(pfx: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>, u64) {

@@ -131,19 +131,7 @@ mod tests {
     const CERTS: &[(&str, &str)] = &[(EGRESS_LIKE, "cc9fe554"), (MIXED, "6b2b82a8")];
 
     /// `/CN=egress CA/O=egress`.
-    const EGRESS_LIKE: &str = "\
------BEGIN CERTIFICATE-----
-MIIBoTCCAUegAwIBAgIUIwKCaSShWHRGr3LT5cZv7z6BONEwCgYIKoZIzj0EAwIw
-JTESMBAGA1UEAwwJZWdyZXNzIENBMQ8wDQYDVQQKDAZlZ3Jlc3MwIBcNMjYxMTI3
-MjM0NTQ1WhgPMjEyNjExMDMyMzQ1NDVaMCUxEjAQBgNVBAMMCWVncmVzcyBDQTEP
-MA0GA1UECgwGZWdyZXNzMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEr5/Fh3n6
-HZnW6hBB3DddK0ev71dhqDp0HEVTSIuE1D6fy1VCMdc1wJH+lKy8r5wbaZ79x2Mu
-4RZqCG0Qqn56IKNTMFEwHQYDVR0OBBYEFG9FFdk6Il1sMkuO3mg4LytduLnTMB8G
-A1UdIwQYMBaAFG9FFdk6Il1sMkuO3mg4LytduLnTMA8GA1UdEwEB/wQFMAMBAf8w
-CgYIKoZIzj0EAwIDSAAwRQIhAOCBzSs6jvnEKbXttYpz9ao3osNTJyoMexg6Swz2
-J+NqAiArUR0VA2FsJdvq3TSxKeo5pO6KlrtqsCykpRN3vjhN+g==
------END CERTIFICATE-----
-";
+    const EGRESS_LIKE: &str = super::super::testdata::EGRESS_CA;
 
     /// `/C=US/O=  Mixed   CASE  Org /CN=Some Root CA+OU=Unit  One/CN=Жук Beetle/
     /// emailAddress=Root@Example.COM` with OpenSSL's `string_mask = default`. The same
