@@ -3,17 +3,17 @@
 
 use std::process::ExitCode;
 
-/// mimalloc rather than glibc's malloc: the proxy allocates and frees small buffers on
-/// every request from several threads, where glibc's arenas spent about 14% of its CPU.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser as _;
 use egress_user::{
     app,
     cli::{Cli, Command, LogArgs, LogFormat},
     error_chain, exit,
 };
+
+/// mimalloc rather than glibc's malloc: the proxy allocates and frees small buffers on
+/// every request from several threads, where glibc's arenas spent about 14% of its CPU.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
