@@ -14,10 +14,11 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
-    path::Path,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -49,6 +50,8 @@ use tokio::{
     sync::{oneshot, Notify},
 };
 use tokio_rustls::TlsAcceptor;
+
+use crate::TempDir;
 use tokio_tungstenite::{
     tungstenite::{handshake::derive_accept_key, protocol::Role},
     WebSocketStream,
@@ -199,6 +202,9 @@ struct Log {
     /// The SNI of every TLS handshake that completed, in order.
     handshakes: Mutex<Vec<Option<String>>>,
     tls_failures: Mutex<Vec<String>>,
+    /// Static content by path: a package index, a registry's documents and archives
+    /// ([`Origin::serve_file`]).
+    files: Mutex<HashMap<String, (String, Bytes)>>,
     /// `/hold` answers once this is set ([`Origin::release`]).
     released: AtomicBool,
     release: Notify,
@@ -326,6 +332,17 @@ impl Origin {
         self.log.handshakes.lock().unwrap().clone()
     }
 
+    /// Serves `body` for `GET path` (the path alone: any query is ignored) from now on, with
+    /// `content_type`. Static content a client fetches: a package index, a registry's
+    /// documents, the archives they point to.
+    pub fn serve_file(&self, path: &str, content_type: &str, body: impl Into<Bytes>) {
+        self.log
+            .files
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), (content_type.to_owned(), body.into()));
+    }
+
     /// TLS handshakes that failed, as rustls described them. Lets a test tell "egress refused
     /// the origin's certificate" apart from "egress never connected".
     pub fn tls_failures(&self) -> Vec<String> {
@@ -451,6 +468,12 @@ async fn route(
     }
 
     let path = parts.uri.path();
+    if parts.method == Method::GET {
+        let file = log.files.lock().unwrap().get(path).cloned();
+        if let Some((content_type, body)) = file {
+            return full(StatusCode::OK, &content_type, body);
+        }
+    }
     match (&parts.method, path) {
         (&Method::GET, "/hello") => {
             full(StatusCode::OK, "text/plain", format!("hello from {host}"))
@@ -465,10 +488,10 @@ async fn route(
             full(StatusCode::OK, "text/plain", format!("{host} on its own"))
         }
         // `npm ping` asks the registry this; any JSON object is a pong.
-        (&Method::GET, "/-/ping") => full(StatusCode::OK, "application/json", "{}".into()),
+        (&Method::GET, "/-/ping") => full(StatusCode::OK, "application/json", "{}"),
         (&Method::GET, "/hold") => {
             log.released().await;
-            full(StatusCode::OK, "text/plain", "released".into())
+            full(StatusCode::OK, "text/plain", "released")
         }
         (&Method::GET, "/bytes") => bytes(parts.uri.query()),
         (&Method::GET, _) if path.starts_with("/status/") => status(&path["/status/".len()..]),
@@ -476,12 +499,12 @@ async fn route(
     }
 }
 
-fn full(status: StatusCode, content_type: &str, body: String) -> Response<ResBody> {
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<ResBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
         .body(
-            Full::new(Bytes::from(body))
+            Full::new(body.into())
                 .map_err(|e| match e {})
                 .boxed_unsync(),
         )
@@ -654,18 +677,66 @@ fn status(code: &str) -> Response<ResBody> {
     }
 }
 
+/// An HTTPS [`Origin`] on `IP:443` with a leaf from its own [`TestCa`], the PEM file
+/// `egress run --upstream-ca` should trust, and a scratch directory for the test's files.
+/// One per test, each on its own loopback address.
+pub struct Site {
+    pub origin: Origin,
+    pub ca_file: PathBuf,
+    pub dir: TempDir,
+    pub ip: String,
+}
+
+impl Site {
+    /// Serves on `ip:443` a certificate for `names` and `ip`; `tag` names the scratch
+    /// directory.
+    pub fn start(tag: &str, ip: &str, names: &[&str]) -> Site {
+        let dir = TempDir::new(tag);
+        let ca = TestCa::new("egress-test-origin-ca");
+        let ca_file = dir.path("origin-ca.pem");
+        ca.write_pem(&ca_file);
+        let mut sans = names.to_vec();
+        sans.push(ip);
+        let origin = Origin::start(&format!("{ip}:443"), Some(ca.leaf(&sans)));
+        Site {
+            origin,
+            ca_file,
+            dir,
+            ip: ip.to_owned(),
+        }
+    }
+
+    /// `egress run` flags: trust the origin's CA upstream and open the private-range guard
+    /// for loopback, then `extra`.
+    pub fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "--upstream-ca",
+            self.ca_file.to_str().unwrap(),
+            "--private-ok",
+            "127.0.0.0/8",
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    /// A curl `--resolve` entry sending `name` to this origin.
+    pub fn resolve(&self, name: &str) -> String {
+        format!("{name}:443:{}", self.ip)
+    }
+}
+
 /// The test CA the origins' leaves come from, written where the daemon reads it
 /// (`upstream_ca`).
 pub struct OriginCa {
     pub ca: TestCa,
     pub file: std::path::PathBuf,
-    _dir: crate::TempDir,
+    _dir: TempDir,
 }
 
 impl OriginCa {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        let dir = crate::TempDir::new("origin-ca");
+        let dir = TempDir::new("origin-ca");
         let ca = TestCa::new("egress daemon tests origin CA");
         let file = dir.path("origin-ca.pem");
         ca.write_pem(&file);
@@ -1069,7 +1140,7 @@ mod tests {
     #[test]
     fn ca_pem_is_written_world_readable_and_parses() {
         let ca = TestCa::new("origin test CA");
-        let dir = crate::TempDir::new("origin-ca");
+        let dir = TempDir::new("origin-ca");
         let path = dir.path("ca.pem");
         ca.write_pem(&path);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;

@@ -15,7 +15,7 @@ use std::{
 };
 
 use egress_tests::{
-    origin::{Origin, TestCa},
+    origin::{Site, TestCa},
     Egress, Finished, TempDir,
 };
 
@@ -42,44 +42,24 @@ fn need(bin: &str) {
     );
 }
 
-/// A TLS origin named `origin.test` and its IP, plus the PEM file egress should trust.
-struct Site {
-    origin: Origin,
-    ca_file: PathBuf,
-    dir: TempDir,
-    ip: String,
-}
-
+/// An HTTPS origin named `origin.test` on `ip`.
 fn site(ip: &str) -> Site {
-    let dir = TempDir::new("clients");
-    let ca = TestCa::new("egress-test-clients-origin-ca");
-    let ca_file = dir.path("origin-ca.pem");
-    ca.write_pem(&ca_file);
-    let origin = Origin::start(&format!("{ip}:443"), Some(ca.leaf(&["origin.test", ip])));
-    Site {
-        origin,
-        ca_file,
-        dir,
-        ip: ip.to_owned(),
-    }
+    Site::start("clients", ip, &["origin.test"])
 }
 
-impl Site {
+trait Allowed {
+    fn allowed<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str>;
+    fn url(&self) -> String;
+    fn hello(&self) -> String;
+}
+
+impl Allowed for Site {
     /// egress flags: trust the origin, let it through, open the private-range guard for
     /// loopback, plus `extra`.
-    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec![
-            "--upstream-ca",
-            self.ca_file.to_str().unwrap(),
-            "--private-ok",
-            "127.0.0.0/8",
-            "--allow",
-            "origin.test",
-            "--allow",
-            &self.ip,
-        ];
+    fn allowed<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec!["--allow", "origin.test", "--allow", &self.ip];
         v.extend_from_slice(extra);
-        v
+        self.args(&v)
     }
 
     fn url(&self) -> String {
@@ -115,7 +95,7 @@ fn wget_trusts_the_egress_ca_through_the_system_store_alone() {
     need(WGET);
     let s = site("127.0.90.2");
     let f = sh(
-        &s.args(&["--no-ca-env"]),
+        &s.allowed(&["--no-ca-env"]),
         &clean(&format!("{WGET} --no-hsts -qO- {}", s.url())),
     );
     assert!(f.status.success(), "wget failed: {f:#?}");
@@ -134,7 +114,7 @@ fn without_the_mount_wget_does_not_know_the_issuer() {
     need(WGET);
     let s = site("127.0.91.2");
     let f = sh(
-        &s.args(&["--no-ca-env", "--no-ca-mount"]),
+        &s.allowed(&["--no-ca-env", "--no-ca-mount"]),
         &format!(
             "{} 2>&1",
             clean(&format!("{WGET} --no-hsts -nv -O- {}", s.url()))
@@ -174,7 +154,7 @@ fn curl_and_openssl_find_the_ca_in_the_hashed_directory() {
             s.ip
         )),
     );
-    let f = sh(&s.args(&["--no-ca-env"]), &script);
+    let f = sh(&s.allowed(&["--no-ca-env"]), &script);
     assert!(f.status.success(), "{f:#?}");
     let mut lines = f.stdout.lines();
     assert_eq!(lines.next(), Some("hello from origin.test"), "{f:#?}");
@@ -198,7 +178,7 @@ fn python_default_context_trusts_the_system_store() {
     );
     let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
     cmd.extend([PY, "-c", &script]);
-    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    let f = Egress::run(&s.allowed(&["--no-ca-env"]), &cmd).finish();
     assert!(f.status.success(), "{f:#?}");
     assert_eq!(f.stdout.trim(), s.hello(), "{f:#?}");
 }
@@ -219,7 +199,7 @@ fn npm_with_cafile_pinned_to_the_system_bundle() {
             s.dir.path("npm-cache").display(),
             s.ip
         ));
-        sh(&s.args(extra), &cmd)
+        sh(&s.allowed(extra), &cmd)
     };
     let f = ping(&["--no-ca-env"]);
     assert!(f.status.success(), "{f:#?}");
@@ -254,7 +234,7 @@ fn curl_over_http2_and_http1_1_through_the_mounted_bundle() {
     ] {
         let s = site(ip);
         let f = sh(
-            &s.args(&["--no-ca-env"]),
+            &s.allowed(&["--no-ca-env"]),
             &clean(&format!(
                 "{CURL} -sS {flag} --cacert {SYSTEM_BUNDLE} -w ' %{{http_code}} %{{http_version}}' \
                  --resolve origin.test:443:{ip} https://origin.test/hello"
@@ -287,7 +267,7 @@ fn python_requests_trusts_the_system_bundle() {
     );
     let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
     cmd.extend([PY, "-c", &script]);
-    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    let f = Egress::run(&s.allowed(&["--no-ca-env"]), &cmd).finish();
     assert!(f.status.success(), "{f:#?}");
     assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
     assert_audited(&f, "python3");
@@ -317,7 +297,7 @@ fn node_fetch_trusts_the_egress_ca_through_node_extra_ca_certs() {
         CLEAN_ENV.join(" ")
     );
     for extra in [&[][..], &["--no-ca-mount"]] {
-        let f = sh(&s.args(extra), &with_var);
+        let f = sh(&s.allowed(extra), &with_var);
         assert!(f.status.success(), "{extra:?}: {f:#?}");
         let line = f.stdout.trim();
         let var = line
@@ -332,7 +312,7 @@ fn node_fetch_trusts_the_egress_ca_through_node_extra_ca_certs() {
     assert_eq!(s.origin.requests().len(), 2);
 
     // The mount, no variable at all: Node does not read the system store.
-    let f = sh(&s.args(&["--no-ca-env"]), &clean(&node));
+    let f = sh(&s.allowed(&["--no-ca-env"]), &clean(&node));
     assert_eq!(
         f.status.code(),
         Some(3),
@@ -361,12 +341,12 @@ fn ruby_net_http_trusts_the_system_store() {
     );
     let mut cmd: Vec<&str> = CLEAN_ENV.to_vec();
     cmd.extend([RUBY, "-e", &script]);
-    let f = Egress::run(&s.args(&["--no-ca-env"]), &cmd).finish();
+    let f = Egress::run(&s.allowed(&["--no-ca-env"]), &cmd).finish();
     assert!(f.status.success(), "{f:#?}");
     assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
     assert_audited(&f, "ruby");
 
-    let f = Egress::run(&s.args(&["--no-ca-env", "--no-ca-mount"]), &cmd).finish();
+    let f = Egress::run(&s.allowed(&["--no-ca-env", "--no-ca-mount"]), &cmd).finish();
     assert!(
         !f.status.success(),
         "ruby trusted egress without the mount: {f:#?}"
@@ -557,12 +537,12 @@ fn go_http_get_trusts_the_system_store() {
         .unwrap();
     assert!(built.status.success(), "go build: {built:?}");
     let cmd = clean(&format!("{} {} 2>&1", bin.display(), s.url()));
-    let f = sh(&s.args(&["--no-ca-env"]), &cmd);
+    let f = sh(&s.allowed(&["--no-ca-env"]), &cmd);
     assert!(f.status.success(), "{f:#?}");
     assert_eq!(f.stdout.trim(), format!("200 {}", s.hello()), "{f:#?}");
     assert_audited(&f, "goget");
 
-    let f = sh(&s.args(&["--no-ca-env", "--no-ca-mount"]), &cmd);
+    let f = sh(&s.allowed(&["--no-ca-env", "--no-ca-mount"]), &cmd);
     assert_eq!(
         f.status.code(),
         Some(3),
@@ -608,7 +588,7 @@ fn java_trusts_the_egress_ca_through_cacerts() {
             "{KEYTOOL} -list -cacerts -storepass changeit -alias egress-ca 2>&1"
         )),
     );
-    let f = sh(&s.args(&["--no-ca-env"]), &script);
+    let f = sh(&s.allowed(&["--no-ca-env"]), &script);
     assert!(f.status.success(), "{f:#?}");
     let mut lines = f.stdout.lines();
     assert_eq!(
@@ -667,7 +647,7 @@ fn the_ca_variables_name_the_system_roots_plus_the_ca() {
         b = s.dir.path("bundle").display(),
         d = s.dir.path("dir").display()
     );
-    let f = sh(&s.args(&["--no-ca-mount"]), &script);
+    let f = sh(&s.allowed(&["--no-ca-mount"]), &script);
     assert!(f.status.success(), "{f:#?}");
     assert!(f.stdout.contains("Verification: OK"), "{f:#?}");
     assert!(f.stdout.contains("PONG"), "{f:#?}");

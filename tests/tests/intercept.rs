@@ -6,58 +6,23 @@
 //! `--upstream-ca`.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use egress_tests::{
     egress_bin,
-    origin::{self_signed_untrusted, Origin, TestCa},
+    origin::{self_signed_untrusted, Origin, Site},
     Egress, Finished, TempDir, Upstream,
 };
 use serde_json::Value;
 
 const PY: &str = "/usr/bin/python3";
 
-/// A TLS origin named `origin.test` (and its IP) plus the PEM file egress should trust.
-struct Site {
-    origin: Origin,
-    ca_file: PathBuf,
-    _dir: TempDir,
-    ip: String,
-}
-
+/// An HTTPS origin named `origin.test` on `ip`.
 fn site(ip: &str) -> Site {
-    let dir = TempDir::new("origin");
-    let ca = TestCa::new("egress-test-origin-ca");
-    let ca_file = dir.path("origin-ca.pem");
-    ca.write_pem(&ca_file);
-    let origin = Origin::start(&format!("{ip}:443"), Some(ca.leaf(&["origin.test", ip])));
-    Site {
-        origin,
-        ca_file,
-        _dir: dir,
-        ip: ip.to_owned(),
-    }
-}
-
-impl Site {
-    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
-        // The origin is on loopback: open the private-range guard for it.
-        let mut v = vec![
-            "--upstream-ca",
-            self.ca_file.to_str().unwrap(),
-            "--private-ok",
-            "127.0.0.0/8",
-        ];
-        v.extend_from_slice(extra);
-        v
-    }
-
-    fn resolve(&self) -> String {
-        format!("origin.test:443:{}", self.ip)
-    }
+    Site::start("origin", ip, &["origin.test"])
 }
 
 fn requests(f: &Finished) -> Vec<&Value> {
@@ -85,7 +50,7 @@ fn curl_http1_and_http2_trust_the_egress_ca_through_the_environment() {
                 "-sS",
                 flag,
                 "--resolve",
-                &s.resolve(),
+                &s.resolve("origin.test"),
                 "-w",
                 "\n%{http_version}",
                 "https://origin.test/hello",
@@ -135,7 +100,7 @@ fn a_host_not_allowed_gets_a_clear_403() {
             "-sS",
             "-i",
             "--resolve",
-            &s.resolve(),
+            &s.resolve("origin.test"),
             "https://origin.test/hello",
         ],
     )
@@ -285,7 +250,7 @@ fn a_1gib_download_streams_with_bounded_proxy_memory() {
             "curl",
             "-sS",
             "--resolve",
-            &s.resolve(),
+            &s.resolve("origin.test"),
             "-o",
             "/dev/null",
             "-w",
@@ -499,7 +464,7 @@ fn the_ca_survives_a_restart() {
             "--cacert",
             trusted.to_str().unwrap(),
             "--resolve",
-            &s.resolve(),
+            &s.resolve("origin.test"),
             "https://origin.test/hello",
         ],
     )
@@ -567,7 +532,7 @@ fn oversized_request_headers_are_refused() {
             "-H",
             &big,
             "--resolve",
-            &s.resolve(),
+            &s.resolve("origin.test"),
             "https://origin.test/hello",
         ],
     )

@@ -9,38 +9,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_tests::{
-    egress_bin,
-    origin::{Origin, TestCa},
-    testclient, Egress, Finished, TempDir, Upstream,
-};
+use egress_tests::{egress_bin, origin::Site, testclient, Egress, Finished, TempDir, Upstream};
 use serde_json::Value;
 
-struct Site {
-    origin: Origin,
-    ca_file: PathBuf,
-    dir: TempDir,
-    ip: String,
-}
-
+/// An HTTPS origin serving every name the tests use, on `ip`.
 fn site(ip: &str) -> Site {
-    let dir = TempDir::new("policy");
-    let ca = TestCa::new("egress-test-origin-ca");
-    let ca_file = dir.path("origin-ca.pem");
-    ca.write_pem(&ca_file);
-    let origin = Origin::start(
-        &format!("{ip}:443"),
-        Some(ca.leaf(&["origin.test", "api.origin.test", "other.test", ip])),
-    );
-    Site {
-        origin,
-        ca_file,
-        dir,
-        ip: ip.to_owned(),
-    }
+    Site::start(
+        "policy",
+        ip,
+        &["origin.test", "api.origin.test", "other.test"],
+    )
 }
 
-impl Site {
+trait PolicySite {
+    fn policy(&self, toml: &str) -> Vec<String>;
+    fn policy_path(&self) -> PathBuf;
+    fn curl(&self, extra: &[&str]) -> Vec<String>;
+}
+
+impl PolicySite for Site {
     /// Writes the policy file and returns the `egress run` arguments that use it.
     fn policy(&self, toml: &str) -> Vec<String> {
         let p = self.dir.path("policy.toml");
