@@ -332,7 +332,8 @@ impl Origin {
         self.log.handshakes.lock().unwrap().clone()
     }
 
-    /// Serves `body` for `GET path` (the path alone: any query is ignored) from now on, with
+    /// Serves `body` for `GET path` and its length for `HEAD path` (the path alone: any query
+    /// is ignored) from now on, with
     /// `content_type`. Static content a client fetches: a package index, a registry's
     /// documents, the archives they point to.
     pub fn serve_file(&self, path: &str, content_type: &str, body: impl Into<Bytes>) {
@@ -468,9 +469,17 @@ async fn route(
     }
 
     let path = parts.uri.path();
-    if parts.method == Method::GET {
+    if parts.method == Method::GET || parts.method == Method::HEAD {
         let file = log.files.lock().unwrap().get(path).cloned();
         if let Some((content_type, body)) = file {
+            if parts.method == Method::HEAD {
+                // No body at all: over HTTP/2, hyper would send it as DATA.
+                let mut res = empty(StatusCode::OK);
+                let h = res.headers_mut();
+                h.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+                h.insert(header::CONTENT_LENGTH, body.len().into());
+                return res;
+            }
             return full(StatusCode::OK, &content_type, body);
         }
     }

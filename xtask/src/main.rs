@@ -5,6 +5,7 @@
 use std::{
     env,
     ffi::OsString,
+    fs,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -147,6 +148,8 @@ const TEST_PACKAGES: &[&str] = &[
     // 464 MB on disk here, without recommends.
     "golang-go",
 ];
+/// uv, which Debian does not package: installed from PyPI (`install_uv`).
+const UV: &str = "uv==0.13.9";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Seconds per fuzz target in `cargo xtask test`: one minute for the four; building the
 /// fuzz crate costs more (see README, Fuzzing).
@@ -286,8 +289,39 @@ fn setup() -> Result<()> {
         missing.push("npm");
     }
     apt_install(missing)?;
+    install_uv()?;
     deploy::install_validators()?;
     Ok(())
+}
+
+/// A venv at `venv` holding exactly `packages` (pinned `name==version`), from PyPI. Made
+/// again only when the list changes (a stamp file in the venv records it): idempotent.
+fn pinned_venv(venv: &Path, packages: &[&str]) -> Result<()> {
+    let stamp = venv.join("egress-requirements.txt");
+    let want = packages.join("\n");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+        return Ok(());
+    }
+    if venv.exists() {
+        fs::remove_dir_all(venv)?;
+    }
+    // Debian's python3 (python3-venv, installed by setup), not whatever is first on PATH.
+    run(Command::new("/usr/bin/python3")
+        .args(["-m", "venv"])
+        .arg(venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(packages))?;
+    fs::write(&stamp, &want)?;
+    Ok(())
+}
+
+/// uv, pinned, from PyPI into `target/clients/venv`: a client of the tests
+/// (tests/tests/clients.rs) that Debian does not package. Returns its path.
+fn install_uv() -> Result<PathBuf> {
+    let venv = workspace_root().join("target/clients/venv");
+    pinned_venv(&venv, &[UV])?;
+    Ok(venv.join("bin/uv"))
 }
 
 fn apt_install(missing: Vec<&str>) -> Result<()> {
@@ -415,7 +449,8 @@ fn test(args: Vec<OsString>) -> Result<()> {
     cmd.args(["test", "--release", "-p", "egress-tests"])
         .env("EGRESS_BPF_OBJECT", &obj)
         .env("EGRESS_BIN", &bin)
-        .env("EGRESS_IMAGE_CONTEXT", &image_context);
+        .env("EGRESS_IMAGE_CONTEXT", &image_context)
+        .env("EGRESS_UV", install_uv()?);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
