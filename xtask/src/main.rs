@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
@@ -46,6 +46,19 @@ enum Cmd {
     Test {
         /// Extra arguments for the privileged test binary (a test name filter, for example).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Only the privileged end-to-end tests, or one file of them (as root): setup, build,
+    /// then `cargo test -p egress-tests`. No fmt, clippy, unit tests or fuzzing.
+    ///
+    /// Examples: `cargo xtask e2e clients` (every real client),
+    /// `cargo xtask e2e daemon -- restart` (the daemon tests whose name has "restart").
+    E2e {
+        /// A file under tests/tests/ without `.rs` (clients, capture, daemon, ...); all when
+        /// omitted.
+        file: Option<String>,
+        /// Extra arguments for the test binary, after `--` (a test name filter, for example).
+        #[arg(last = true)]
         args: Vec<OsString>,
     },
     /// Run the libFuzzer targets under fuzz/ (nightly; installs cargo-fuzz into
@@ -168,6 +181,18 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { args } => test(args),
+        Cmd::E2e { file, args } => {
+            if let Some(f) = &file {
+                ensure!(
+                    root.join(format!("tests/tests/{f}.rs")).is_file(),
+                    "no test file tests/tests/{f}.rs: give one of the files under tests/tests/ \
+                     without `.rs` (clients, daemon, ...)"
+                );
+            }
+            setup()?;
+            let bin = build(true)?;
+            privileged_tests(&ebpf_object(), &bin, file.as_deref(), args)
+        }
         Cmd::Fuzz { time, targets } => fuzz::run_targets(&targets, time),
         Cmd::CheckDeploy { egress_bin } => {
             let bin = match egress_bin {
@@ -442,15 +467,30 @@ fn test(args: Vec<OsString>) -> Result<()> {
         eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
         return Ok(());
     }
+    privileged_tests(&obj, &bin, None, args)
+}
+
+/// The privileged end-to-end tests (`egress-tests`), all or one file of them, against the
+/// eBPF object `obj` and the binary `bin` that embeds it.
+fn privileged_tests(obj: &Path, bin: &Path, file: Option<&str>, args: Vec<OsString>) -> Result<()> {
     // The egress image's build context, for the test that runs the daemon from its image.
     let image_context = workspace_root().join("target/image");
-    deploy::assemble(&bin, &image_context)?;
+    deploy::assemble(bin, &image_context)?;
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--release", "-p", "egress-tests"])
-        .env("EGRESS_BPF_OBJECT", &obj)
-        .env("EGRESS_BIN", &bin)
+        .env("EGRESS_BPF_OBJECT", obj)
+        .env("EGRESS_BIN", bin)
         .env("EGRESS_IMAGE_CONTEXT", &image_context)
         .env("EGRESS_UV", install_uv()?);
+    if let Some(file) = file {
+        ensure!(
+            workspace_root()
+                .join(format!("tests/tests/{file}.rs"))
+                .is_file(),
+            "no test file tests/tests/{file}.rs; the files are those under tests/tests/"
+        );
+        cmd.args(["--test", file]);
+    }
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
