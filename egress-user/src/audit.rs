@@ -557,6 +557,9 @@ enum Dest {
         size: u64,
         max_bytes: u64,
         keep: usize,
+        /// Only a regular file rotates. Renaming a device or a FIFO (`--audit /dev/null`)
+        /// would move the host's node aside and leave a plain file in its place.
+        rotates: bool,
     },
 }
 
@@ -570,13 +573,21 @@ impl Output {
                 keep,
             } => {
                 let f = open_append(path)?;
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let meta = f.metadata().ok();
+                let rotates = meta.as_ref().is_some_and(|m| m.file_type().is_file());
+                if !rotates {
+                    tracing::info!(
+                        path = %path.display(),
+                        "the audit log is not a regular file: it is never rotated"
+                    );
+                }
                 Dest::File {
                     f,
                     path: path.clone(),
-                    size,
+                    size: meta.map_or(0, |m| m.len()),
                     max_bytes: *max_bytes,
                     keep: *keep,
+                    rotates,
                 }
             }
         };
@@ -590,7 +601,10 @@ impl Output {
     fn write(&mut self, line: &[u8], dropped: &AtomicU64, written: &AtomicU64) {
         let pending = self.batch.len() as u64 + line.len() as u64;
         if let Dest::File {
-            size, max_bytes, ..
+            size,
+            max_bytes,
+            rotates: true,
+            ..
         } = &self.dest
         {
             // Rotate before this line would overflow the file, unless the file (and batch)
@@ -675,8 +689,12 @@ fn open_append(path: &Path) -> Result<File, OpenError> {
         })
 }
 
-/// `path.{keep-1}` → `path.{keep}`, …, `path` → `path.1`, then a fresh `path`.
+/// `path.{keep-1}` → `path.{keep}`, …, `path` → `path.1`, then a fresh `path`. Refuses
+/// unless `path` is (still) a regular file.
 fn rotate(path: &Path, keep: usize) -> io::Result<File> {
+    if !std::fs::symlink_metadata(path)?.file_type().is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
     let numbered = |n: usize| PathBuf::from(format!("{}.{n}", path.display()));
     for n in (1..keep.max(1)).rev() {
         let from = numbered(n);
@@ -797,6 +815,46 @@ mod tests {
             "keeps only 2 rotated files"
         );
         assert!(total < 100, "oldest lines rotate out past `keep`");
+    }
+
+    /// `--audit /dev/null` once renamed the host's /dev/null to /dev/null.1 after 100 MiB
+    /// and left a plain file in its place. A FIFO stands in for the device here.
+    #[test]
+    fn a_file_that_is_not_regular_never_rotates() {
+        use std::{io::Read as _, os::unix::fs::FileTypeExt as _};
+        let (d, p) = tmp("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reader = {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                File::open(p).unwrap().read_to_string(&mut text).unwrap();
+                text.lines().count()
+            })
+        };
+        let (audit, w) = Audit::open(Sink::File {
+            path: p.clone(),
+            max_bytes: 2000,
+            keep: 2,
+        })
+        .unwrap();
+        for i in 0..100 {
+            audit.record(&req(i));
+        }
+        assert_eq!(audit.close(w), 0);
+        assert_eq!(
+            reader.join().unwrap(),
+            100,
+            "every line went through the FIFO"
+        );
+        let t = std::fs::symlink_metadata(&p).unwrap().file_type();
+        assert!(t.is_fifo(), "the FIFO was replaced: {t:?}");
+        assert!(!d.path().join("fifo.1").exists(), "the FIFO was renamed");
+        assert!(rotate(&p, 2).is_err(), "rotate refuses a FIFO");
     }
 
     #[test]

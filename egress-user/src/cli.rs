@@ -522,7 +522,8 @@ pub struct AuditArgs {
     /// --confdir.
     #[arg(long, value_name = "FILE|-")]
     pub audit: Option<PathBuf>,
-    /// Rotate the audit file when it would grow past this many bytes.
+    /// Rotate the audit file when it would grow past this many bytes (a regular file only:
+    /// a device or a FIFO is never rotated).
     #[arg(long, value_name = "BYTES", default_value_t = crate::audit::DEFAULT_MAX_BYTES)]
     pub audit_max_bytes: u64,
     /// Rotated audit files kept (audit.jsonl.1 … .N).
