@@ -5,6 +5,9 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
+mod list;
+pub use list::HostList;
+
 /// One host pattern.
 ///
 /// `*.example.com` matches every name below `example.com` (`a.example.com`,

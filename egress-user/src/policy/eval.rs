@@ -11,7 +11,7 @@ use super::{
     hint::Fix,
     model::{HostRule, SandboxPolicy},
 };
-use crate::pattern::{normalize_host, HostPattern};
+use crate::pattern::{normalize_host, HostList, HostPattern};
 
 /// What the host lists say about a host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,19 +50,18 @@ impl SandboxPolicy {
     /// The host lists' verdict for `host` (an SNI or Host value; normalized here). Deny
     /// first, then passthrough, then allow; nothing matching is a deny.
     pub fn host_decision(&self, host: &str) -> HostDecision {
-        let host = normalize_host(host);
-        let find = |list: &[HostPattern]| {
-            list.iter()
-                .find(|p| p.matches(&host))
-                .map(|p| p.to_string())
-        };
+        self.normalized_host_decision(&normalize_host(host))
+    }
+
+    fn normalized_host_decision(&self, host: &str) -> HostDecision {
+        let find = |list: &HostList| list.first_match(host).map(|p| p.to_string());
         if let Some(rule) = find(&self.deny) {
             return HostDecision::Deny {
                 reason: DENY_LIST_REASON,
                 rule,
             };
         }
-        if self.doh_denied(&host) {
+        if self.doh_denied(host) {
             return HostDecision::Deny {
                 reason: "a well-known DNS-over-HTTPS resolver (guard `doh`); allow it by its exact name to use it",
                 rule: DOH_RULE.to_owned(),
@@ -83,7 +82,8 @@ impl SandboxPolicy {
     /// The verdict for one request: the host lists, then the first host rule matching
     /// `host`. `path` may carry a query string; it is ignored.
     pub fn request_decision(&self, host: &str, method: &Method, path: &str) -> RequestDecision<'_> {
-        let listed = match self.host_decision(host) {
+        let normalized = normalize_host(host);
+        let listed = match self.normalized_host_decision(&normalized) {
             HostDecision::Deny { reason, rule } => {
                 return RequestDecision::Deny {
                     reason: reason.to_owned(),
@@ -93,8 +93,7 @@ impl SandboxPolicy {
             }
             HostDecision::Allow { rule } | HostDecision::Passthrough { rule } => rule,
         };
-        let host = normalize_host(host);
-        let Some(rule) = self.rules.iter().find(|r| r.host.matches(&host)) else {
+        let Some(rule) = self.rules.first_match(&normalized) else {
             return RequestDecision::Allow { rule: None, listed };
         };
         let deny = |what: String, fix: Fix| RequestDecision::Deny {

@@ -467,9 +467,9 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
         name,
         mode: own.mode.or(d.and_then(|d| d.mode)).unwrap_or_default(),
         guards,
-        allow: cat(own.allow, d.map(|d| &d.allow)),
-        deny: cat(own.deny, d.map(|d| &d.deny)),
-        passthrough: cat(own.passthrough, d.map(|d| &d.passthrough)),
+        allow: cat(own.allow, d.map(|d| &d.allow)).into(),
+        deny: cat(own.deny, d.map(|d| &d.deny)).into(),
+        passthrough: cat(own.passthrough, d.map(|d| &d.passthrough)).into(),
         tcp: cat(own.tcp, d.map(|d| &d.tcp)),
         inbound: {
             let mut v = cat(own.inbound, d.map(|d| &d.inbound));
@@ -478,7 +478,7 @@ fn merge(name: String, own: Parts, defaults: Option<&Parts>) -> SandboxPolicy {
             v
         },
         private_ok: cat(own.private_ok, d.map(|d| &d.private_ok)),
-        rules,
+        rules: rules.into(),
         secrets,
         dns_pinning: own
             .dns_pinning

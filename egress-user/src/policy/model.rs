@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue, Method};
 use serde::Deserialize;
 
 use super::glob::PathGlob;
-use crate::pattern::{HostPattern, IpNet, TcpAllow};
+use crate::pattern::{HostList, HostPattern, IpNet, TcpAllow};
 
 /// Every sandbox of one policy file, by name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,10 +58,10 @@ pub struct SandboxPolicy {
     pub name: String,
     pub mode: Mode,
     pub guards: Guards,
-    pub allow: Vec<HostPattern>,
-    pub deny: Vec<HostPattern>,
+    pub allow: HostList,
+    pub deny: HostList,
     /// Spliced, not decrypted; also allowed.
-    pub passthrough: Vec<HostPattern>,
+    pub passthrough: HostList,
     /// Direct (non-proxied) TCP, enforced in the kernel.
     pub tcp: Vec<TcpAllow>,
     /// Ports the sandbox may bind (listen on) on every address, enforced in the kernel;
@@ -70,13 +70,43 @@ pub struct SandboxPolicy {
     /// Destinations exempt from the private-range guard.
     pub private_ok: Vec<IpNet>,
     /// Tried in order; the first whose `host` matches decides.
-    pub rules: Vec<HostRule>,
+    pub rules: HostRules,
     pub secrets: Vec<SecretSpec>,
     /// Refuse a connection whose TLS server name or Host did not resolve, through the DNS
     /// listener and for this sandbox, to the address the client connected to.
     pub dns_pinning: bool,
     /// Who configures it: what a refusal's hint names (a flag or the file's section).
     pub audience: super::hint::Audience,
+}
+
+/// The host rules in order, with an index of their host patterns ([`HostList`]): the
+/// first rule matching a host is found in time that does not grow with the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostRules {
+    rules: Vec<HostRule>,
+    hosts: HostList,
+}
+
+impl HostRules {
+    /// The first rule whose host pattern matches `host` (normalized).
+    pub fn first_match(&self, host: &str) -> Option<&HostRule> {
+        self.hosts.position(host).map(|i| &self.rules[i])
+    }
+}
+
+impl From<Vec<HostRule>> for HostRules {
+    fn from(rules: Vec<HostRule>) -> Self {
+        let hosts = rules.iter().map(|r| r.host.clone()).collect();
+        HostRules { rules, hosts }
+    }
+}
+
+impl std::ops::Deref for HostRules {
+    type Target = [HostRule];
+
+    fn deref(&self) -> &[HostRule] {
+        &self.rules
+    }
 }
 
 /// Per-host refinements of an allowed host. A rule never admits a host on its own: the host

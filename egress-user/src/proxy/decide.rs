@@ -285,11 +285,7 @@ fn private_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
     if !p.guards.private_ranges || !is_guarded_address(dst) || p.private_ok(dst) {
         return None;
     }
-    let named = p
-        .allow
-        .iter()
-        .chain(&p.passthrough)
-        .any(|pat| matches!(pat, crate::policy::HostPattern::Net(n) if n.contains(dst)));
+    let named = p.allow.has_net_containing(dst) || p.passthrough.has_net_containing(dst);
     (!named).then(|| Refusal {
         reason: format!("destination {dst} is in a private, loopback or link-local range"),
         rule: String::new(),
