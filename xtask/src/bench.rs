@@ -17,6 +17,7 @@ mod daemon;
 mod install;
 mod parse;
 mod peers;
+mod policy;
 mod report;
 pub mod soak;
 mod sys;
@@ -445,6 +446,13 @@ fn measure(env: &Env, plain: &NetNs, nat: &NetNs, plan: &Plan, started: Instant)
             ));
         }
     }
+    eprintln!("bench: policy size …");
+    let t = Instant::now();
+    report.policy = Some(policy::measure(env, plain, plan, &meter));
+    eprintln!(
+        "bench: policy size done in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
     eprintln!("bench: node daemon …");
     let t = Instant::now();
     report.daemon = Some(daemon::measure(

@@ -195,6 +195,41 @@ pub struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
+    /// egress in front of the agent. Hosts are allowed by `--allow *.DOMAIN`, or by the
+    /// policy file `policy` when given (its only sandbox).
+    pub fn start_egress(env: &Env, plain: &'a NetNs, policy: Option<&Path>) -> Result<Self> {
+        let stderr = env.run_dir.join(format!("{}-agent.stderr", Kind::Egress));
+        let log = env.run_dir.join("egress.log");
+        let mut cmd = plain.command_with_hosts(&env.hosts, &env.egress_bin);
+        cmd.args(["--log-format", "json", "--log", "info", "--log-file"])
+            .arg(&log)
+            .args(["run", "--user", "nobody"]);
+        match policy {
+            Some(p) => cmd.arg("--policy").arg(p),
+            None => cmd.arg("--allow").arg(format!("*.{DOMAIN}")),
+        };
+        // The origin is on loopback, which egress refuses by default; exempt only it, so
+        // the guard stays on (and in the measurement).
+        cmd.arg("--private-ok")
+            .arg(format!("{ORIGIN_IP}/32"))
+            .arg("--upstream-ca")
+            .arg(env.assets.test_ca())
+            .arg("--confdir")
+            .arg(&env.egress_confdir)
+            .args(["--", "sh", "-c", sys::AGENT_LOOP])
+            // One worker thread, like every other proxy here.
+            .env("TOKIO_WORKER_THREADS", "1");
+        let agent = Agent::start("egress run", &mut cmd, &stderr, Duration::from_secs(60))?;
+        Ok(Self {
+            kind: Kind::Egress,
+            agent,
+            proxy: None,
+            _rule: None,
+            client_ca: None,
+            log: Some(log),
+        })
+    }
+
     pub fn start(kind: Kind, env: &Env, plain: &'a NetNs, nat: &'a NetNs) -> Result<Self> {
         let a = &env.assets;
         let stderr = env.run_dir.join(format!("{kind}-agent.stderr"));
@@ -207,34 +242,7 @@ impl<'a> Session<'a> {
                 client_ca: Some(a.test_ca()),
                 log: None,
             }),
-            Kind::Egress => {
-                let log = env.run_dir.join("egress.log");
-                let mut cmd = plain.command_with_hosts(&env.hosts, &env.egress_bin);
-                cmd.args(["--log-format", "json", "--log", "info", "--log-file"])
-                    .arg(&log)
-                    .args(["run", "--user", "nobody", "--allow"])
-                    .arg(format!("*.{DOMAIN}"))
-                    // The origin is on loopback, which egress refuses by default; exempt
-                    // only it, so the guard stays on (and in the measurement).
-                    .arg("--private-ok")
-                    .arg(format!("{ORIGIN_IP}/32"))
-                    .arg("--upstream-ca")
-                    .arg(a.test_ca())
-                    .arg("--confdir")
-                    .arg(&env.egress_confdir)
-                    .args(["--", "sh", "-c", sys::AGENT_LOOP])
-                    // One worker thread, like every other proxy here.
-                    .env("TOKIO_WORKER_THREADS", "1");
-                let agent = Agent::start("egress run", &mut cmd, &stderr, Duration::from_secs(60))?;
-                Ok(Self {
-                    kind,
-                    agent,
-                    proxy: None,
-                    _rule: None,
-                    client_ca: None,
-                    log: Some(log),
-                })
-            }
+            Kind::Egress => Self::start_egress(env, plain, None),
             Kind::Mitmproxy => {
                 let conf = env.run_dir.join("mitmproxy");
                 fs::create_dir_all(&conf)?;

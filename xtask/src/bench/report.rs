@@ -329,6 +329,9 @@ pub struct Report {
     /// The node daemon section.
     #[serde(default)]
     pub daemon: Option<DaemonResults>,
+    /// The policy size section.
+    #[serde(default)]
+    pub policy: Option<super::policy::PolicyResults>,
 }
 
 /// Thousands separators for whole numbers, sensible decimals for small ones.
@@ -368,7 +371,7 @@ pub fn with_ratio(x: f64, base: Option<f64>) -> String {
     }
 }
 
-fn ratio(r: f64) -> String {
+pub fn ratio(r: f64) -> String {
     if r >= 10.0 {
         format!("{r:.0}")
     } else if r >= 0.1 {
@@ -901,9 +904,16 @@ impl Report {
                 r
             })
         });
+        let policy = self.policy.iter().flat_map(|p| {
+            p.rows().into_iter().map(|mut r| {
+                r.metric = format!("Policy size: {}", r.metric);
+                r
+            })
+        });
         self.rows()
             .into_iter()
             .chain(daemon)
+            .chain(policy)
             .filter_map(|r| match r.verdict {
                 Some(Verdict::Missed(s)) => Some(format!("{}: {s}", r.metric)),
                 _ => None,
@@ -954,6 +964,12 @@ impl Report {
             ));
             md.push_str(&d.table());
             md.push_str(DAEMON_METHOD);
+            md.push('\n');
+        }
+        if let Some(p) = &self.policy {
+            md.push_str("## Policy size\n\n");
+            md.push_str(&p.table());
+            md.push_str(super::policy::METHOD);
             md.push('\n');
         }
         md.push_str("## Analysis\n\n");

@@ -674,6 +674,13 @@ impl Cpu {
         self.user + self.sys
     }
 
+    pub fn plus(&self, other: &Cpu) -> Cpu {
+        Cpu {
+            user: self.user + other.user,
+            sys: self.sys + other.sys,
+        }
+    }
+
     pub fn since(&self, before: &Cpu) -> Cpu {
         Cpu {
             user: (self.user - before.user).max(0.0),
