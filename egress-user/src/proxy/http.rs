@@ -65,10 +65,13 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(super::HEADER_READ_TIMEOUT)
         .max_buf_size(super::MAX_HEADER_BYTES);
+    // No HTTP/2 keep-alive PINGs: every client is a process on this kernel (its connect
+    // was redirected here), so a client that dies has its connection closed by the kernel,
+    // and the ping's bookkeeping (a lock and a timer reset per frame) cost 1.3 µs of CPU
+    // per request, 6% of the HTTP/2 total.
     b.http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(super::MAX_HEADER_BYTES as u32)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+        .max_header_list_size(super::MAX_HEADER_BYTES as u32);
     if let Err(e) = b
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await
