@@ -940,19 +940,20 @@ fn publish_packages(s: &Site) -> String {
     digest("message")
 }
 
-/// The paths the origin served, in order.
-fn paths(s: &Site) -> Vec<String> {
-    s.origin
+/// The install printed `message` last, the origin served exactly `paths` in order, and
+/// egress audited each of them from `comm`, allowed, intercepted and answered 200.
+fn assert_installed(f: &Finished, s: &Site, message: &str, paths: &[&str], comm: &str) {
+    assert!(f.status.success(), "{f:#?}");
+    assert_eq!(f.stdout.lines().last(), Some(message), "{f:#?}");
+    let served: Vec<String> = s
+        .origin
         .requests()
         .into_iter()
         .map(|r| r.path_and_query)
-        .collect()
-}
-
-/// egress audited `n` requests, all from `comm`, allowed, intercepted and answered 200.
-fn assert_audited_n(f: &Finished, comm: &str, n: usize) {
+        .collect();
+    assert_eq!(served, paths, "{f:#?}");
     let a = f.audit_of("request");
-    assert_eq!(a.len(), n, "{:#?}", f.audit);
+    assert_eq!(a.len(), paths.len(), "{:#?}", f.audit);
     for r in a {
         assert_eq!(r["comm"], comm, "{r:#}");
         assert_eq!(r["decision"], "allow", "{r:#}");
@@ -982,17 +983,16 @@ fn pip_install_from_an_index_through_the_system_store() {
         sh(&s.allowed(extra), &cmd)
     };
     let f = pip(&["--no-ca-env"]);
-    assert!(f.status.success(), "{f:#?}");
-    assert_eq!(f.stdout.lines().last(), Some(message.as_str()), "{f:#?}");
-    assert_eq!(
-        paths(&s),
-        [
+    assert_installed(
+        &f,
+        &s,
+        &message,
+        &[
             "/simple/egress-probe/",
-            "/files/egress_probe-1.0-py3-none-any.whl"
+            "/files/egress_probe-1.0-py3-none-any.whl",
         ],
-        "{f:#?}"
+        "python3",
     );
-    assert_audited_n(&f, "python3", 2);
 
     std::fs::remove_dir_all(&target).unwrap();
     let f = pip(&["--no-ca-env", "--no-ca-mount"]);
@@ -1043,15 +1043,14 @@ fn npm_install_from_a_registry_with_cafile_pinned_to_the_system_bundle() {
         sh(&s.allowed(extra), &cmd)
     };
     let f = install(&["--no-ca-env"]);
-    assert!(f.status.success(), "{f:#?}");
-    assert_eq!(f.stdout.lines().last(), Some(message.as_str()), "{f:#?}");
-    assert_eq!(
-        paths(&s),
-        ["/egress-probe", "/egress-probe/-/egress-probe-1.0.0.tgz"],
-        "{f:#?}"
-    );
     // npm sets its process title to its command line; the kernel keeps 15 bytes of it.
-    assert_audited_n(&f, "npm install egr", 2);
+    assert_installed(
+        &f,
+        &s,
+        &message,
+        &["/egress-probe", "/egress-probe/-/egress-probe-1.0.0.tgz"],
+        "npm install egr",
+    );
 
     let f = install(&["--no-ca-env", "--no-ca-mount"]);
     assert!(

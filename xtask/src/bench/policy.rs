@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     install::{DOMAIN, ORIGIN_NAME},
     peers::{Env, Session},
-    report::{at_least, markdown_table, num, ratio, Rate, Row},
+    report::{at_least, num, ratio, section_table, Rate, Row},
     sys::NetNs,
     wrk_rate, Meter, Plan,
 };
@@ -208,22 +208,7 @@ impl PolicyResults {
     }
 
     pub fn table(&self) -> String {
-        let headers: Vec<String> = ["Metric", "egress", "Target", "vs target"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let rows: Vec<Vec<String>> = self
-            .rows()
-            .into_iter()
-            .map(|r| {
-                let mut v = vec![r.metric];
-                v.extend(r.cells);
-                v.push(r.target);
-                v.push(r.verdict.map(|v| v.cell()).unwrap_or_default());
-                v
-            })
-            .collect();
-        markdown_table(&headers, &rows, &[1])
+        section_table("egress", self.rows())
     }
 }
 

@@ -293,22 +293,7 @@ impl DaemonResults {
     }
 
     pub fn table(&self) -> String {
-        let headers: Vec<String> = ["Metric", "egress daemon", "Target", "vs target"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let rows: Vec<Vec<String>> = self
-            .rows()
-            .into_iter()
-            .map(|r| {
-                let mut v = vec![r.metric];
-                v.extend(r.cells);
-                v.push(r.target);
-                v.push(r.verdict.map(|v| v.cell()).unwrap_or_default());
-                v
-            })
-            .collect();
-        markdown_table(&headers, &rows, &[1])
+        section_table("egress daemon", self.rows())
     }
 }
 
@@ -493,6 +478,28 @@ pub struct Row {
     pub cells: Vec<String>,
     pub target: String,
     pub verdict: Option<Verdict>,
+}
+
+/// A section's table: the metric, one value column named `column`, the target and the
+/// verdict.
+pub fn section_table(column: &str, rows: Vec<Row>) -> String {
+    rows_table(&["Metric", column, "Target", "vs target"], rows, &[1])
+}
+
+/// Rows as a Markdown table under `headers`: metric, cells, target, verdict.
+fn rows_table(headers: &[&str], rows: Vec<Row>, right: &[usize]) -> String {
+    let headers: Vec<String> = headers.iter().map(|s| s.to_string()).collect();
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| {
+            let mut v = vec![r.metric];
+            v.extend(r.cells);
+            v.push(r.target);
+            v.push(r.verdict.map(|v| v.cell()).unwrap_or_default());
+            v
+        })
+        .collect();
+    markdown_table(&headers, &rows, right)
 }
 
 /// Renders a Markdown table; `|` inside cells is escaped. Columns whose index is in `right`
@@ -869,31 +876,20 @@ impl Report {
 
     /// The one results table.
     pub fn table(&self) -> String {
-        let headers: Vec<String> = [
-            "Metric",
-            "direct",
-            "egress",
-            "mitmproxy",
-            "Squid",
-            "iptables REDIRECT + relay",
-            "Target",
-            "egress vs target",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let rows: Vec<Vec<String>> = self
-            .rows()
-            .into_iter()
-            .map(|r| {
-                let mut v = vec![r.metric];
-                v.extend(r.cells);
-                v.push(r.target);
-                v.push(r.verdict.map(|v| v.cell()).unwrap_or_default());
-                v
-            })
-            .collect();
-        markdown_table(&headers, &rows, &[1, 2, 3, 4, 5])
+        rows_table(
+            &[
+                "Metric",
+                "direct",
+                "egress",
+                "mitmproxy",
+                "Squid",
+                "iptables REDIRECT + relay",
+                "Target",
+                "egress vs target",
+            ],
+            self.rows(),
+            &[1, 2, 3, 4, 5],
+        )
     }
 
     /// The targets egress missed, one line each.
