@@ -585,6 +585,22 @@ fn peer_phases(
         };
     }
 
+    // 3b. The low-rate keep-alive latency again, with every process on the path (client,
+    // proxy, origin) on one CPU. On this VM waking a thread on another, idle CPU costs more
+    // than the work, and more from run to run; on one CPU the row shows what the proxy
+    // itself adds.
+    if matches!(kind, Kind::Direct | Kind::Egress) {
+        let res = on_one_cpu(env, s, |s| {
+            latency_phase(env, s, plan, true, plan.lat_ka_rate)
+        });
+        r.lat_ka_pinned = record(r, "lat_ka_pinned", res);
+    } else {
+        r.missing.insert(
+            "lat_ka_pinned".into(),
+            "measured for direct and egress only".into(),
+        );
+    }
+
     // 4. Bulk.
     let res = bulk_phase(s, meter, plan);
     r.bulk = record(r, "bulk", res);
@@ -649,6 +665,35 @@ fn peer_phases(
             }
         }
     }
+}
+
+/// Runs `f` with every thread of the session's processes (the agent or proxy and their
+/// children) and of the origins pinned to CPU 0, then lets them run anywhere again.
+fn on_one_cpu<T>(
+    env: &Env,
+    s: &mut Session,
+    f: impl FnOnce(&mut Session) -> Result<T>,
+) -> Result<T> {
+    let online = fs::read_to_string("/sys/devices/system/cpu/online")
+        .context("reading /sys/devices/system/cpu/online")?;
+    let mut pids = sys::process_tree(s.agent.pid());
+    for dir in fs::read_dir(&env.run_dir)?.flatten() {
+        if dir.file_name().to_string_lossy().starts_with("nginx-") {
+            if let Ok(pid) = fs::read_to_string(dir.path().join("nginx.pid")) {
+                pids.extend(pid.trim().parse::<u32>().ok());
+            }
+        }
+    }
+    let pin = |cpus: &str| -> Result<()> {
+        for pid in &pids {
+            sys::output(Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]))?;
+        }
+        Ok(())
+    };
+    pin("0")?;
+    let out = f(s);
+    pin(online.trim())?;
+    out
 }
 
 fn h2_phase(s: &mut Session, meter: &Meter, c: usize, d: u32, url: &str) -> Result<Rate> {

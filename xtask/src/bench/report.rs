@@ -132,6 +132,9 @@ pub struct PeerResults {
     /// The same at a higher rate, for peers that can sustain it.
     pub lat_ka_hi: Option<Latency>,
     pub lat_nc_hi: Option<Latency>,
+    /// `lat_ka` with client, proxy and origin all on one CPU.
+    #[serde(default)]
+    pub lat_ka_pinned: Option<Latency>,
     pub bulk: Option<Bulk>,
     pub first_visit: Option<FirstVisitResult>,
     pub mint: Option<Mint>,
@@ -658,8 +661,13 @@ impl Report {
 
         // 3. Latency.
         type Pick = fn(&PeerResults) -> Option<&Latency>;
-        let modes: [(&str, &str, Pick); 4] = [
+        let modes: [(&str, &str, Pick); 5] = [
             ("keep-alive", "lat_ka", |p| p.lat_ka.as_ref()),
+            (
+                "keep-alive, every process on one CPU",
+                "lat_ka_pinned",
+                |p| p.lat_ka_pinned.as_ref(),
+            ),
             ("new connection per request", "lat_nc", |p| {
                 p.lat_nc.as_ref()
             }),
@@ -1042,6 +1050,9 @@ How each number is made:
   requests on a fixed schedule; each latency runs from its release to the last body byte, so
   waiting for a free connection counts. Keep-alive uses 8 connections; the other mode opens a
   connection (TCP + full TLS 1.3 handshake) per request. Rates are low enough for every peer.
+  The keep-alive run at the low rate is repeated for direct and egress with every thread of
+  the client, the proxy and the origin pinned to CPU 0 (`taskset -a -p`): on a VM, waking a
+  thread on an idle CPU can cost more than the work, and varies from run to run.
 - **4.** `curl --http1.1` of one large sparse file, with a time cap for slow peers (the cell
   then says how much arrived).
 - **5.** The harness's client alternates a connection to a never-seen name
