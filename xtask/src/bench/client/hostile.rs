@@ -286,26 +286,8 @@ async fn slowloris_http(client: Client, board: Arc<Board>, stop: Arc<AtomicBool>
             continue;
         };
         let head = format!("GET / HTTP/1.1\r\nHost: {}\r\nX-Slow: ", client.name);
-        let started = Instant::now();
-        let mut outcome = "open when the soak ended".to_owned();
-        for b in head.bytes().chain(std::iter::repeat(b'a')) {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if s.write_all(&[b]).await.is_err() {
-                outcome = "closed by egress".into();
-                break;
-            }
-            if let Some(r) = peer_reaction(&mut s, Duration::from_secs(1)).await {
-                outcome = r;
-                break;
-            }
-        }
-        let secs = if outcome.starts_with("open") {
-            0
-        } else {
-            started.elapsed().as_secs()
-        };
+        let bytes = head.into_bytes().into_iter().chain(std::iter::repeat(b'a'));
+        let (outcome, secs) = trickle(&mut s, bytes, &stop).await;
         board.count("slowloris (HTTP headers)", "s", &outcome, secs);
     }
 }
@@ -318,47 +300,71 @@ async fn slowloris_tls(client: Client, board: Arc<Board>, stop: Arc<AtomicBool>)
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        let started = Instant::now();
-        let mut outcome = "open when the soak ended".to_owned();
         let hello = [
             0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
         ];
-        for b in hello.into_iter().chain(std::iter::repeat(0x42)) {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if s.write_all(&[b]).await.is_err() {
-                outcome = "closed by egress".into();
-                break;
-            }
-            if let Some(r) = peer_reaction(&mut s, Duration::from_secs(1)).await {
-                outcome = r;
-                break;
-            }
-        }
-        let secs = if outcome.starts_with("open") {
-            0
-        } else {
-            started.elapsed().as_secs()
-        };
+        let bytes = hello.into_iter().chain(std::iter::repeat(0x42));
+        let (outcome, secs) = trickle(&mut s, bytes, &stop).await;
         board.count("slowloris (TLS hello)", "s", &outcome, secs);
     }
 }
 
-/// Writes `bytes` in pieces while watching for egress's answer; returns the outcome and how
+/// Writes `bytes` one a second, watching for egress's reaction, until egress acts or the
+/// soak stops. Returns the outcome and, when egress ended it, after how many seconds.
+async fn trickle<S>(s: &mut S, bytes: impl Iterator<Item = u8>, stop: &AtomicBool) -> (String, u64)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let mut outcome = "open when the soak ended".to_owned();
+    for b in bytes {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if s.write_all(&[b]).await.is_err() {
+            outcome = "closed by egress".into();
+            break;
+        }
+        if let Some(r) = peer_reaction(s, Duration::from_secs(1)).await {
+            outcome = r;
+            break;
+        }
+    }
+    let secs = if outcome.starts_with("open") {
+        0
+    } else {
+        started.elapsed().as_secs()
+    };
+    (outcome, secs)
+}
+
+/// Writes `bytes` in 16 KiB pieces; how many went in, or, when egress stopped taking them,
+/// how that ended and how many went in first.
+async fn push<S>(s: &mut S, bytes: &[u8]) -> Result<u64, (String, u64)>
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    let mut sent = 0u64;
+    for piece in bytes.chunks(16 * 1024) {
+        match tokio::time::timeout(Duration::from_secs(10), s.write_all(piece)).await {
+            Err(_) => return Err(("egress stopped reading".into(), sent)),
+            Ok(Err(_)) => return Err(("closed by egress".into(), sent)),
+            Ok(Ok(())) => sent += piece.len() as u64,
+        }
+    }
+    Ok(sent)
+}
+
+/// Writes `bytes` in pieces, then waits for egress's answer; returns the outcome and how
 /// many bytes went in first.
 async fn push_until_answered<S>(s: &mut S, bytes: &[u8]) -> (String, u64)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut sent = 0u64;
-    for piece in bytes.chunks(16 * 1024) {
-        match tokio::time::timeout(Duration::from_secs(10), s.write_all(piece)).await {
-            Err(_) => return ("egress stopped reading".into(), sent),
-            Ok(Err(_)) => return ("closed by egress".into(), sent),
-            Ok(Ok(())) => sent += piece.len() as u64,
-        }
-    }
+    let sent = match push(s, bytes).await {
+        Ok(n) => n,
+        Err(ended) => return ended,
+    };
     let _ = s.flush().await;
     let outcome = peer_reaction(s, Duration::from_secs(10))
         .await
@@ -647,18 +653,15 @@ async fn continuation_flood(
     }
 }
 
+/// [`push_until_answered`] for HTTP/2: the answer is read as frames.
 async fn push_h2_until_answered<S>(s: &mut S, bytes: &[u8]) -> (String, u64)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut sent = 0u64;
-    for piece in bytes.chunks(16 * 1024) {
-        match tokio::time::timeout(Duration::from_secs(10), s.write_all(piece)).await {
-            Err(_) => return ("egress stopped reading".into(), sent),
-            Ok(Err(_)) => return ("closed by egress".into(), sent),
-            Ok(Ok(())) => sent += piece.len() as u64,
-        }
-    }
+    let sent = match push(s, bytes).await {
+        Ok(n) => n,
+        Err(ended) => return ended,
+    };
     let why = tokio::time::timeout(Duration::from_secs(10), read_frames_until_end(s))
         .await
         .unwrap_or_else(|_| "no answer in 10 s".into());
