@@ -341,12 +341,15 @@ fn pinned_venv(venv: &Path, packages: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Where `install_uv` puts uv's venv.
+fn uv_venv() -> PathBuf {
+    workspace_root().join("target/clients/venv")
+}
+
 /// uv, pinned, from PyPI into `target/clients/venv`: a client of the tests
-/// (tests/tests/clients.rs) that Debian does not package. Returns its path.
-fn install_uv() -> Result<PathBuf> {
-    let venv = workspace_root().join("target/clients/venv");
-    pinned_venv(&venv, &[UV])?;
-    Ok(venv.join("bin/uv"))
+/// (tests/tests/clients.rs) that Debian does not package.
+fn install_uv() -> Result<()> {
+    pinned_venv(&uv_venv(), &[UV])
 }
 
 fn apt_install(missing: Vec<&str>) -> Result<()> {
@@ -481,7 +484,8 @@ fn privileged_tests(obj: &Path, bin: &Path, file: Option<&str>, args: Vec<OsStri
         .env("EGRESS_BPF_OBJECT", obj)
         .env("EGRESS_BIN", bin)
         .env("EGRESS_IMAGE_CONTEXT", &image_context)
-        .env("EGRESS_UV", install_uv()?);
+        // Installed by setup, which every caller has run.
+        .env("EGRESS_UV", uv_venv().join("bin/uv"));
     if let Some(file) = file {
         ensure!(
             workspace_root()

@@ -449,7 +449,6 @@ fn keepalive(
     }
     let counted0 = daemon.allowed("sb0")?;
     let (mut through, mut straight) = (Rate::default(), Rate::default());
-    let mut cpu = sys::Cpu::default();
     for round in 0..plan.rounds {
         let order = if round % 2 == 0 {
             [true, false]
@@ -466,19 +465,20 @@ fn keepalive(
             if w.requests == 0 {
                 bail!("no request succeeded:\n{}", out.text());
             }
-            let acc = if sandboxed {
-                cpu.user += spent.user;
-                cpu.sys += spent.sys;
-                &mut through
-            } else {
-                &mut straight
+            let run = Rate {
+                count: w.requests,
+                secs: w.secs,
+                errors: w.errors,
+                cpu: sandboxed.then_some(spent),
+                machine_cpu_s: None,
             };
-            acc.count += w.requests;
-            acc.secs += w.secs;
-            acc.errors += w.errors;
+            if sandboxed {
+                through.absorb(&run);
+            } else {
+                straight.absorb(&run);
+            }
         }
     }
-    through.cpu = Some(cpu);
     let counted = daemon.allowed("sb0")?.saturating_sub(counted0);
     r.counted_requests = Some(counted);
     if counted == 0 {

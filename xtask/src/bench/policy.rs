@@ -78,21 +78,6 @@ fn check_ms(egress: &Path, file: &Path) -> Result<f64> {
     Ok(best)
 }
 
-fn add(total: &mut Option<Rate>, r: Rate) {
-    let t = total.get_or_insert_with(Rate::default);
-    t.count += r.count;
-    t.secs += r.secs;
-    t.errors += r.errors;
-    t.machine_cpu_s = match (t.machine_cpu_s, r.machine_cpu_s) {
-        (Some(a), Some(b)) => Some(a + b),
-        (a, b) => a.or(b),
-    };
-    t.cpu = match (t.cpu, r.cpu) {
-        (Some(a), Some(b)) => Some(a.plus(&b)),
-        (a, b) => a.or(b),
-    };
-}
-
 /// Runs the section: small and large alternately, `rounds` times each, a fresh egress
 /// for every run (as a policy is loaded at start).
 pub(super) fn measure(env: &Env, plain: &NetNs, plan: &Plan, meter: &Meter) -> PolicyResults {
@@ -141,8 +126,14 @@ pub(super) fn measure(env: &Env, plain: &NetNs, plan: &Plan, meter: &Meter) -> P
                 rate
             };
             match run() {
-                Ok(rate) if large_list => add(&mut r.large_rate, rate),
-                Ok(rate) => add(&mut r.small_rate, rate),
+                Ok(rate) => {
+                    let total = if large_list {
+                        &mut r.large_rate
+                    } else {
+                        &mut r.small_rate
+                    };
+                    total.get_or_insert_with(Rate::default).absorb(&rate);
+                }
                 Err(e) => r.missing.push(format!("{e:#}")),
             }
         }

@@ -51,6 +51,21 @@ impl Rate {
         let c = self.machine_cpu_s?;
         (self.count > 0).then(|| c / self.count as f64)
     }
+
+    /// Adds another run of the same measurement: counts, times and CPU sum.
+    pub fn absorb(&mut self, r: &Rate) {
+        self.count += r.count;
+        self.secs += r.secs;
+        self.errors += r.errors;
+        self.cpu = match (self.cpu, r.cpu) {
+            (Some(a), Some(b)) => Some(a.plus(&b)),
+            (a, b) => a.or(b),
+        };
+        self.machine_cpu_s = match (self.machine_cpu_s, r.machine_cpu_s) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
