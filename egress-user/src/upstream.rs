@@ -495,16 +495,17 @@ where
     Ok(Sender::H1(s))
 }
 
-/// Headers that describe one hop, not the message; never forwarded as they are.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one hop, not the message; never forwarded as they are. Named by
+/// constant: removing by `&str` would parse the name anew on every request.
+const HOP_BY_HOP: [http::HeaderName; 8] = [
+    http::header::CONNECTION,
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// Rewrites a request received from the client into the form the upstream protocol wants:
@@ -513,68 +514,69 @@ pub fn prepare(req: Request<Body>, version: http::Version, key: &PoolKey) -> Req
     let (mut parts, body) = req.into_parts();
     let upgrade =
         parts.headers.contains_key(http::header::UPGRADE) && version == http::Version::HTTP_11;
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| key.dst.to_string());
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".into());
     if !upgrade {
-        // Connection may name further hop-by-hop headers.
-        let named: Vec<String> = parts
-            .headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-            .collect();
-        for h in named
-            .iter()
-            .map(String::as_str)
-            .chain(HOP_BY_HOP.iter().copied())
-        {
-            if h == "te" && version == http::Version::HTTP_2 {
-                continue;
-            }
-            parts.headers.remove(h);
-        }
+        strip_hop_by_hop(&mut parts.headers, version);
     }
-    if version == http::Version::HTTP_2 {
-        parts.headers.remove(http::header::HOST);
-        if let Some(te) = parts.headers.get(http::header::TE) {
-            if te.as_bytes() != b"trailers" {
-                parts.headers.remove(http::header::TE);
-            }
-        }
-        let scheme = if key.tls_name.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        parts.uri = format!("{scheme}://{authority}{path}")
-            .parse()
-            .unwrap_or(parts.uri);
+    let h2 = version == http::Version::HTTP_2;
+    let scheme = if key.tls_name.is_some() {
+        http::uri::Scheme::HTTPS
     } else {
-        if !parts.headers.contains_key(http::header::HOST) {
-            if let Ok(v) = http::HeaderValue::from_str(&authority) {
-                parts.headers.insert(http::header::HOST, v);
+        http::uri::Scheme::HTTP
+    };
+    // An HTTP/2 client's request is already in the form an HTTP/2 upstream wants.
+    let as_is = h2 && parts.uri.scheme() == Some(&scheme) && parts.uri.authority().is_some();
+    if !as_is {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| key.dst.to_string());
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = if h2 {
+            format!("{scheme}://{authority}{path}").parse()
+        } else {
+            if !parts.headers.contains_key(http::header::HOST) {
+                if let Ok(v) = http::HeaderValue::from_str(&authority) {
+                    parts.headers.insert(http::header::HOST, v);
+                }
             }
-        }
-        parts.uri = path.parse().unwrap_or(parts.uri);
+            path.parse()
+        };
+        parts.uri = uri.unwrap_or(parts.uri);
+    }
+    if h2 {
+        parts.headers.remove(http::header::HOST);
     }
     parts.version = version;
     Request::from_parts(parts, body)
+}
+
+/// Removes the hop-by-hop headers, and those `Connection` names. HTTP/2 keeps `TE: trailers`,
+/// the one form it allows.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, version: http::Version) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| http::HeaderName::from_bytes(s.trim().as_bytes()).ok())
+        .collect();
+    let keep_te = version == http::Version::HTTP_2
+        && headers
+            .get(http::header::TE)
+            .is_some_and(|te| te.as_bytes() == b"trailers");
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        if !(keep_te && name == http::header::TE) {
+            headers.remove(name);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -626,6 +628,33 @@ mod tests {
         assert!(r.headers().get("connection").is_none());
         assert!(r.headers().get("keep-alive").is_none());
         assert_eq!(r.headers()["x-kept"], "1");
+    }
+
+    #[test]
+    fn h2_client_request_to_h2_upstream_keeps_its_uri_and_te_trailers_only() {
+        let h2 = |te: &str, uri: &str| {
+            let req = Request::builder()
+                .version(http::Version::HTTP_2)
+                .uri(uri)
+                .header("te", te)
+                .header("proxy-authorization", "Basic x")
+                .body(body())
+                .unwrap();
+            prepare(req, http::Version::HTTP_2, &key(true))
+        };
+        let r = h2("trailers", "https://example.com/a?b=1");
+        assert_eq!(r.uri(), "https://example.com/a?b=1");
+        assert_eq!(r.headers()["te"], "trailers");
+        assert!(r.headers().get("proxy-authorization").is_none());
+        assert!(h2("gzip", "https://example.com/")
+            .headers()
+            .get("te")
+            .is_none());
+        // The scheme follows the upstream leg, whatever the client said.
+        assert_eq!(
+            h2("trailers", "http://example.com/p").uri(),
+            "https://example.com/p"
+        );
     }
 
     #[test]
