@@ -434,6 +434,13 @@ fn measure(env: &Env, plain: &NetNs, nat: &NetNs, plan: &Plan, started: Instant)
             _ => format!("http://127.0.0.1:{}/1k", peers::RELAY_PORT),
         };
         redirect_phases(env, &mut s, plan, &meter, &mut r, &addr, &url);
+        if kind == Kind::Redirect {
+            // The low-rate keep-alive latency through a relay that only copies bytes: the
+            // floor for any proxy's extra hop on this machine.
+            let res = latency_phase(env, &mut s, plan, true, plan.lat_ka_rate);
+            r.lat_ka = record(&mut r, "lat_ka", res);
+            pinned_latency(env, &mut s, plan, &mut r);
+        }
         s.stop();
         report.peers.insert(kind.key().into(), r);
     }
@@ -590,14 +597,11 @@ fn peer_phases(
     // than the work, and more from run to run; on one CPU the row shows what the proxy
     // itself adds.
     if matches!(kind, Kind::Direct | Kind::Egress) {
-        let res = on_one_cpu(env, s, |s| {
-            latency_phase(env, s, plan, true, plan.lat_ka_rate)
-        });
-        r.lat_ka_pinned = record(r, "lat_ka_pinned", res);
+        pinned_latency(env, s, plan, r);
     } else {
         r.missing.insert(
             "lat_ka_pinned".into(),
-            "measured for direct and egress only".into(),
+            "measured for direct, egress and the relay only".into(),
         );
     }
 
@@ -667,6 +671,14 @@ fn peer_phases(
     }
 }
 
+/// The low-rate keep-alive latency with every process on the path on one CPU.
+fn pinned_latency(env: &Env, s: &mut Session, plan: &Plan, r: &mut PeerResults) {
+    let res = on_one_cpu(env, s, |s| {
+        latency_phase(env, s, plan, true, plan.lat_ka_rate)
+    });
+    r.lat_ka_pinned = record(r, "lat_ka_pinned", res);
+}
+
 /// Runs `f` with every thread of the session's processes (the agent or proxy and their
 /// children) and of the origins pinned to CPU 0, then lets them run anywhere again.
 fn on_one_cpu<T>(
@@ -677,6 +689,7 @@ fn on_one_cpu<T>(
     let online = fs::read_to_string("/sys/devices/system/cpu/online")
         .context("reading /sys/devices/system/cpu/online")?;
     let mut pids = sys::process_tree(s.agent.pid());
+    pids.extend(s.proxy_pids());
     for dir in fs::read_dir(&env.run_dir)?.flatten() {
         if dir.file_name().to_string_lossy().starts_with("nginx-") {
             if let Ok(pid) = fs::read_to_string(dir.path().join("nginx.pid")) {

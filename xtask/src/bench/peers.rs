@@ -157,7 +157,7 @@ pub enum Kind {
     Egress,
     Mitmproxy,
     Squid,
-    /// The reference relay behind an iptables REDIRECT (metric 7).
+    /// The reference relay behind an iptables REDIRECT (metric 7, and the floor of metric 3).
     Redirect,
     /// The reference relay addressed directly, no capture (metric 7's floor).
     RelayAlone,
@@ -188,7 +188,7 @@ pub struct Session<'a> {
     pub kind: Kind,
     pub agent: Agent,
     proxy: Option<Proc>,
-    _rule: Option<NatRule<'a>>,
+    _rules: Vec<NatRule<'a>>,
     /// The CA the harness's client and curl trust; `None` for egress (from its env vars).
     pub client_ca: Option<PathBuf>,
     pub log: Option<PathBuf>,
@@ -224,7 +224,7 @@ impl<'a> Session<'a> {
             kind: Kind::Egress,
             agent,
             proxy: None,
-            _rule: None,
+            _rules: Vec::new(),
             client_ca: None,
             log: Some(log),
         })
@@ -238,7 +238,7 @@ impl<'a> Session<'a> {
                 kind,
                 agent: nobody_agent(env, plain, &stderr)?,
                 proxy: None,
-                _rule: None,
+                _rules: Vec::new(),
                 client_ca: Some(a.test_ca()),
                 log: None,
             }),
@@ -278,7 +278,7 @@ impl<'a> Session<'a> {
                     kind,
                     agent: nobody_agent(env, nat, &stderr)?,
                     proxy: Some(proxy),
-                    _rule: Some(rule),
+                    _rules: vec![rule],
                     client_ca: Some(a.proxy_ca()),
                     log: Some(log),
                 })
@@ -302,7 +302,7 @@ impl<'a> Session<'a> {
                     kind,
                     agent: nobody_agent(env, nat, &stderr)?,
                     proxy: Some(proxy),
-                    _rule: Some(rule),
+                    _rules: vec![rule],
                     client_ca: Some(a.proxy_ca()),
                     log: Some(env.run_dir.join("squid/cache.log")),
                 })
@@ -323,16 +323,21 @@ impl<'a> Session<'a> {
                 let mut proxy = Proc::spawn("reference relay", &mut cmd)?;
                 sys::wait_listening(&mut proxy, RELAY_PORT, Duration::from_secs(10))
                     .context("the reference relay did not come up")?;
-                let rule = match kind {
-                    Kind::Redirect => Some(NatRule::redirect(nat, env.nobody.0, 80, RELAY_PORT)?),
-                    _ => None,
+                // Port 443 too: the keep-alive latency through the relay is the floor of
+                // any proxy's extra hop (TLS passes through it end to end).
+                let rules = match kind {
+                    Kind::Redirect => vec![
+                        NatRule::redirect(nat, env.nobody.0, 80, RELAY_PORT)?,
+                        NatRule::redirect(nat, env.nobody.0, 443, RELAY_PORT)?,
+                    ],
+                    _ => Vec::new(),
                 };
                 Ok(Self {
                     kind,
                     agent: nobody_agent(env, ns, &stderr)?,
                     proxy: Some(proxy),
-                    _rule: rule,
-                    client_ca: None,
+                    _rules: rules,
+                    client_ca: Some(a.test_ca()),
                     log: None,
                 })
             }
