@@ -3,7 +3,7 @@
 //! to), the kernel maps (`bpf`) and the DNS listener. It imports nothing else from this
 //! crate, so any module can use it without an import cycle.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{borrow::Cow, fmt, net::IpAddr, str::FromStr};
 
 mod list;
 pub use list::HostList;
@@ -132,7 +132,7 @@ impl fmt::Display for HostPattern {
 }
 
 /// Normalises a host from SNI or a Host header: lowercase, no port, no trailing dot.
-pub fn normalize_host(raw: &str) -> String {
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     let h = raw.trim();
     let h = if let Some(rest) = h.strip_prefix('[') {
         // [v6]:port
@@ -142,7 +142,12 @@ pub fn normalize_host(raw: &str) -> String {
     } else {
         h
     };
-    h.trim_end_matches('.').to_ascii_lowercase()
+    let h = h.trim_end_matches('.');
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
 }
 
 impl FromStr for IpNet {

@@ -21,8 +21,8 @@ mod model;
 
 pub use crate::pattern::{normalize_host, HostPattern, IpNet, TcpAllow};
 pub use eval::{
-    is_doh_resolver, is_guarded_address, HostDecision, RequestDecision, DENY_LIST_REASON,
-    DOH_RESOLVERS, DOH_RULE,
+    is_doh_address, is_doh_resolver, is_guarded_address, HostDecision, RequestDecision,
+    DENY_LIST_REASON, DOH_RESOLVERS, DOH_RULE,
 };
 pub use glob::PathGlob;
 pub use model::{Guards, HostRule, Mode, PolicyFile, SandboxPolicy, SecretSource, SecretSpec};

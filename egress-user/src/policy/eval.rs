@@ -260,18 +260,26 @@ pub const DENY_LIST_REASON: &str = "host is on the deny list";
 /// The `rule` of a refusal by the DoH guard.
 pub const DOH_RULE: &str = "guard:doh";
 
+/// The well-known DNS-over-HTTPS resolvers, indexed: every request is checked against
+/// them, by name and by destination address.
+fn doh_resolvers() -> &'static HostList {
+    static LIST: std::sync::OnceLock<HostList> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| {
+        DOH_RESOLVERS
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    })
+}
+
 /// Whether `host` (normalized) is a well-known DNS-over-HTTPS resolver.
 pub fn is_doh_resolver(host: &str) -> bool {
-    static PATTERNS: std::sync::OnceLock<Vec<HostPattern>> = std::sync::OnceLock::new();
-    PATTERNS
-        .get_or_init(|| {
-            DOH_RESOLVERS
-                .iter()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .iter()
-        .any(|p| p.matches(host))
+    doh_resolvers().first_match(host).is_some()
+}
+
+/// Whether `ip` is the address of a well-known DNS-over-HTTPS resolver.
+pub fn is_doh_address(ip: IpAddr) -> bool {
+    doh_resolvers().has_net_containing(ip.to_canonical())
 }
 
 #[cfg(test)]

@@ -156,7 +156,7 @@ impl Fix {
     /// What the host lists' refusal of `host` by `rule` (empty, a deny pattern, or the DoH
     /// guard's) needs.
     pub fn for_host(host: &str, rule: &str) -> Fix {
-        let host = super::normalize_host(host);
+        let host = super::normalize_host(host).into_owned();
         if rule.is_empty() {
             Fix::Allow { host }
         } else if rule == super::DOH_RULE {

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::audit::Decision;
 use crate::policy::{
-    hint::Fix, is_guarded_address, HostDecision, HostRule, Mode, RequestDecision, SandboxPolicy,
-    DOH_RULE,
+    hint::Fix, is_doh_address, is_guarded_address, HostDecision, HostRule, Mode, RequestDecision,
+    SandboxPolicy, DOH_RULE,
 };
 
 /// Why a request was refused, for machines: the `X-Egress-Denied` header.
@@ -210,10 +210,7 @@ fn doh_message_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
         .iter()
         .flat_map(|h| headers.get_all(h))
         .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            let v = v.to_ascii_lowercase();
-            DOH_MEDIA_TYPES.iter().any(|t| v.contains(t))
-        });
+        .any(|v| DOH_MEDIA_TYPES.iter().any(|t| contains_ignore_case(v, t)));
     carries_dns.then(|| Refusal {
         reason: "DNS messages over HTTP (DNS over HTTPS, guard `doh`)".into(),
         rule: DOH_RULE.into(),
@@ -222,9 +219,19 @@ fn doh_message_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
     })
 }
 
+/// Whether `hay` contains `needle` (lowercase ASCII), whatever the case of `hay`.
+fn contains_ignore_case(hay: &str, needle: &str) -> bool {
+    hay.as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 /// The DoH guard on the destination: a well-known resolver's address, whatever name the
 /// client gave.
 fn doh_address_refusal(p: &SandboxPolicy, dst: IpAddr) -> Option<Refusal> {
+    if !is_doh_address(dst) {
+        return None;
+    }
     let ip = dst.to_canonical().to_string();
     p.doh_denied(&ip).then(|| Refusal {
         reason: format!("{ip} is a well-known DNS-over-HTTPS resolver (guard `doh`)"),
@@ -274,7 +281,9 @@ fn pinning_refusal(
         ),
         rule: String::new(),
         code: DenyCode::DnsPinning,
-        fix: Fix::Pinning { name },
+        fix: Fix::Pinning {
+            name: name.into_owned(),
+        },
     })
 }
 

@@ -248,7 +248,7 @@ fn read_head(req: &Request<Incoming>, conn: &ConnInfo) -> RequestRecord {
         client: meta.client.to_string(),
         orig_dst: meta.orig_dst.to_string(),
         sni: conn.sni.clone(),
-        host: normalize_host(&request_host(req, conn)),
+        host: request_host(req, conn),
         method: req.method().to_string(),
         path: audit::redact_path(path_and_query, conn.conn.shared.audit_query),
         tls: if conn.tls {
@@ -260,20 +260,23 @@ fn read_head(req: &Request<Incoming>, conn: &ConnInfo) -> RequestRecord {
     }
 }
 
-/// The host a request names: the URI's authority (HTTP/2, absolute-form), else the Host
-/// header, else the SNI, else the address the client connected to.
+/// The host a request names, normalized: the URI's authority (HTTP/2, absolute-form), else
+/// the Host header, else the SNI, else the address the client connected to.
 fn request_host(req: &Request<Incoming>, conn: &ConnInfo) -> String {
-    req.uri()
+    let named = req
+        .uri()
         .authority()
-        .map(|a| a.host().to_owned())
+        .map(|a| a.host())
         .or_else(|| {
             req.headers()
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
         })
-        .or_else(|| conn.sni.clone())
-        .unwrap_or_else(|| conn.conn.meta.orig_dst.0.ip().to_string())
+        .or(conn.sni.as_deref());
+    match named {
+        Some(name) => normalize_host(name).into_owned(),
+        None => conn.conn.meta.orig_dst.0.ip().to_string(),
+    }
 }
 
 /// The policy's verdict on the request; warn mode admits what it would have refused.
