@@ -346,16 +346,8 @@ async fn handle(mut stream: TcpStream, conn: Conn) {
             }
         }
         sniff::Sniff::Http => {
-            http::serve(
-                stream,
-                Arc::new(http::ConnInfo {
-                    conn,
-                    sni: None,
-                    tls: false,
-                    ahead: Default::default(),
-                }),
-            )
-            .await
+            let info = http::ConnInfo::new(conn, None, false, None);
+            http::serve(stream, Arc::new(info)).await
         }
         sniff::Sniff::NeedMore | sniff::Sniff::Other => {}
     }

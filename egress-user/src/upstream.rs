@@ -287,6 +287,11 @@ impl Pool {
     fn checkin(&self, key: &PoolKey, s: Sender) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         match s {
+            // An open HTTP/2 entry stays: it is this connection, checked out by the request
+            // that now checks it in, or another one that serves as well. Not replacing it
+            // spares a key copy and a map write for every request.
+            Sender::H2(_) if matches!(entries.get(key), Some(Entry::H2(h)) if !h.send.is_closed()) =>
+                {}
             Sender::H2(s) => {
                 entries.insert(key.clone(), Entry::H2(s));
             }

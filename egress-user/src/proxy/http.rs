@@ -43,6 +43,32 @@ pub struct ConnInfo {
     /// The upstream connection dialed while the client was still in its handshake, for
     /// the first request to claim.
     pub ahead: std::sync::Mutex<Option<Ahead>>,
+    /// Where its requests go upstream.
+    pool_key: PoolKey,
+}
+
+impl ConnInfo {
+    pub fn new(conn: Conn, sni: Option<String>, tls: bool, ahead: Option<Ahead>) -> Self {
+        // Upstream connections are pooled by destination and, over TLS, by the name the
+        // client asked for (its SNI, or the address when it sent none): the upstream must
+        // present a certificate for that name.
+        let dst = conn.meta.orig_dst.0;
+        let pool_key = if tls {
+            PoolKey::tls(dst, sni.as_deref())
+        } else {
+            PoolKey {
+                dst,
+                tls_name: None,
+            }
+        };
+        ConnInfo {
+            conn,
+            sni,
+            tls,
+            ahead: std::sync::Mutex::new(ahead),
+            pool_key,
+        }
+    }
 }
 
 pub async fn serve<I>(io: I, conn: Arc<ConnInfo>)
@@ -362,7 +388,7 @@ async fn forward(
     plan: &Plan,
     bytes_up: Arc<AtomicU64>,
 ) -> Result<Response<Body>, Unanswered> {
-    let key = pool_key(conn);
+    let key = &conn.pool_key;
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
@@ -378,9 +404,9 @@ async fn forward(
     let pool = &conn.conn.sandbox.pool;
     let ahead = conn.ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
     let sent = if upgrade {
-        pool.send_upgrade(&key, req, ahead).await
+        pool.send_upgrade(key, req, ahead).await
     } else {
-        pool.send(&key, req, ahead).await
+        pool.send(key, req, ahead).await
     };
     let mut resp = sent.map_err(|e| match violation.as_ref().and_then(|h| h.get()) {
         Some(v) => Unanswered::Refused(Refusal::secret(DenyCode::SecretNotAuthorized, v)),
@@ -392,21 +418,6 @@ async fn forward(
         bridge(client_upgrade, hyper::upgrade::on(&mut resp));
     }
     Ok(resp.map(|b| b.map_err(BoxError::from).boxed()))
-}
-
-/// Upstream connections are pooled by destination and, over TLS, by the name the client
-/// asked for (its SNI, or the address when it sent none): the upstream must present a
-/// certificate for that name.
-fn pool_key(conn: &ConnInfo) -> PoolKey {
-    let dst = conn.conn.meta.orig_dst.0;
-    if conn.tls {
-        PoolKey::tls(dst, conn.sni.as_deref())
-    } else {
-        PoolKey {
-            dst,
-            tls_name: None,
-        }
-    }
 }
 
 /// Copies bytes both ways once client and upstream have both switched protocols.

@@ -48,11 +48,5 @@ pub async fn intercept(
             return;
         }
     };
-    let info = ConnInfo {
-        conn,
-        sni: hello.sni,
-        tls: true,
-        ahead: std::sync::Mutex::new(ahead),
-    };
-    http::serve(tls, Arc::new(info)).await;
+    http::serve(tls, Arc::new(ConnInfo::new(conn, hello.sni, true, ahead))).await;
 }
