@@ -460,11 +460,16 @@ pub fn at_most_abs(value: Option<f64>, max: f64, unit: &str) -> Verdict {
 }
 
 /// Combines verdicts: met only if all are met.
-/// Metric 5's minting verdict from the extra proxy CPU per new host (seconds). A cost at or
-/// below zero is noise, not a measurement: no verdict can stand on it.
+/// Below this, an extra CPU cost per new host (seconds) is noise, not a measurement: the
+/// difference of two CPU readings in clock ticks can come out at zero, or a rounding error
+/// above it (Squid once showed 0.000 µs, "→ 576,460,752,303,423,488 hosts/s").
+const MINT_NOISE_S: f64 = 1e-6;
+
+/// Metric 5's minting verdict from the extra proxy CPU per new host (seconds). A cost within
+/// noise can carry no verdict.
 fn mint_verdict(extra_cpu_s: Option<f64>) -> Verdict {
     match extra_cpu_s {
-        Some(x) if x <= 0.0 => Verdict::Unknown(format!(
+        Some(x) if x < MINT_NOISE_S => Verdict::Unknown(format!(
             "extra CPU per new host {} µs is within noise",
             num(x * 1e6)
         )),
@@ -862,7 +867,7 @@ impl Report {
             "mint",
             |p, _| {
                 let x = p.mint.as_ref()?.extra_cpu_per_host()?;
-                Some(if x > 0.0 {
+                Some(if x >= MINT_NOISE_S {
                     format!("{} (→ {})", num(x * 1e6), num(1.0 / x))
                 } else {
                     format!("{} (within noise)", num(x * 1e6))
@@ -1168,6 +1173,7 @@ mod tests {
     fn a_minting_cost_within_noise_is_unknown_not_met() {
         assert!(matches!(mint_verdict(Some(-1e-6)), Verdict::Unknown(_)));
         assert!(matches!(mint_verdict(Some(0.0)), Verdict::Unknown(_)));
+        assert!(matches!(mint_verdict(Some(1.7e-18)), Verdict::Unknown(_)));
         assert!(matches!(mint_verdict(None), Verdict::Unknown(_)));
         assert!(matches!(mint_verdict(Some(35e-6)), Verdict::Met(_)));
         assert!(matches!(mint_verdict(Some(500e-6)), Verdict::Missed(_)));
