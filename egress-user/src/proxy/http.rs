@@ -45,6 +45,10 @@ pub struct ConnInfo {
     pub ahead: std::sync::Mutex<Option<Ahead>>,
     /// Where its requests go upstream.
     pool_key: PoolKey,
+    /// The client and original destination as every request's audit record shows them,
+    /// formatted once.
+    client: String,
+    orig_dst: String,
 }
 
 impl ConnInfo {
@@ -62,6 +66,8 @@ impl ConnInfo {
             }
         };
         ConnInfo {
+            client: conn.meta.client.to_string(),
+            orig_dst: conn.meta.orig_dst.to_string(),
             conn,
             sni,
             tls,
@@ -267,12 +273,11 @@ async fn handle(mut req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
 /// Who sent the request, where to and what for, read before header edits or secret
 /// substitution change the head: the audit record shows what the client sent.
 fn read_head(req: &Request<Incoming>, conn: &ConnInfo) -> RequestRecord {
-    let meta = &conn.conn.meta;
     let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
     RequestRecord {
         who: conn.conn.who(),
-        client: meta.client.to_string(),
-        orig_dst: meta.orig_dst.to_string(),
+        client: conn.client.clone(),
+        orig_dst: conn.orig_dst.clone(),
         sni: conn.sni.clone(),
         host: request_host(req, conn),
         method: req.method().to_string(),
