@@ -438,20 +438,26 @@ mod tests {
             judge(&p, "dns.google", &none, true),
             (Decision::Deny, Some(DenyCode::Doh))
         );
-        // An allowed name sent to a resolver's address.
-        let v = request(
-            &p,
-            &Subject {
-                sni: Some("example.org"),
-                host: "example.org",
-                method: &http::Method::GET,
-                path: "/dns-query",
-                headers: &none,
-                dst: "1.1.1.1".parse().unwrap(),
-            },
-            &|_| true,
-        );
-        assert_eq!((v.decision, v.code), (Decision::Deny, Some(DenyCode::Doh)));
+        // An allowed name sent to a resolver's address, also written IPv4-mapped.
+        for dst in ["1.1.1.1", "::ffff:1.1.1.1", "2606:4700:4700::1111"] {
+            let v = request(
+                &p,
+                &Subject {
+                    sni: Some("example.org"),
+                    host: "example.org",
+                    method: &http::Method::GET,
+                    path: "/dns-query",
+                    headers: &none,
+                    dst: dst.parse().unwrap(),
+                },
+                &|_| true,
+            );
+            assert_eq!(
+                (v.decision, v.code),
+                (Decision::Deny, Some(DenyCode::Doh)),
+                "{dst}"
+            );
+        }
         assert_eq!(judge(&p, "example.org", &none, true), ALLOWED);
     }
 }
