@@ -200,23 +200,8 @@ impl<'a> Session<'a> {
     pub fn start_egress(env: &Env, plain: &'a NetNs, policy: Option<&Path>) -> Result<Self> {
         let stderr = env.run_dir.join(format!("{}-agent.stderr", Kind::Egress));
         let log = env.run_dir.join("egress.log");
-        let mut cmd = plain.command_with_hosts(&env.hosts, &env.egress_bin);
-        cmd.args(["--log-format", "json", "--log", "info", "--log-file"])
-            .arg(&log)
-            .args(["run", "--user", "nobody"]);
-        match policy {
-            Some(p) => cmd.arg("--policy").arg(p),
-            None => cmd.arg("--allow").arg(format!("*.{DOMAIN}")),
-        };
-        // The origin is on loopback, which egress refuses by default; exempt only it, so
-        // the guard stays on (and in the measurement).
-        cmd.arg("--private-ok")
-            .arg(format!("{ORIGIN_IP}/32"))
-            .arg("--upstream-ca")
-            .arg(env.assets.test_ca())
-            .arg("--confdir")
-            .arg(&env.egress_confdir)
-            .args(["--", "sh", "-c", sys::AGENT_LOOP])
+        let mut cmd = egress_run(env, plain, &log, policy);
+        cmd.args(["--", "sh", "-c", sys::AGENT_LOOP])
             // One worker thread, like every other proxy here.
             .env("TOKIO_WORKER_THREADS", "1");
         let agent = Agent::start("egress run", &mut cmd, &stderr, Duration::from_secs(60))?;
@@ -389,6 +374,30 @@ impl<'a> Session<'a> {
             p.stop(Duration::from_secs(5));
         }
     }
+}
+
+/// `egress … run` in `ns` as the harness runs it, up to the options its callers differ in:
+/// JSON log at info to `log`, clients as `nobody`, hosts allowed by `--allow *.DOMAIN` (or by
+/// the policy file `policy`), the test CA upstream. The caller adds its own options, then
+/// `--` and the agent.
+pub fn egress_run(env: &Env, ns: &NetNs, log: &Path, policy: Option<&Path>) -> Command {
+    let mut cmd = ns.command_with_hosts(&env.hosts, &env.egress_bin);
+    cmd.args(["--log-format", "json", "--log", "info", "--log-file"])
+        .arg(log)
+        .args(["run", "--user", "nobody"]);
+    match policy {
+        Some(p) => cmd.arg("--policy").arg(p),
+        None => cmd.arg("--allow").arg(format!("*.{DOMAIN}")),
+    };
+    // The origin is on loopback, which egress refuses by default; exempt only it, so the
+    // guard stays on (and in the measurement).
+    cmd.arg("--private-ok")
+        .arg(format!("{ORIGIN_IP}/32"))
+        .arg("--upstream-ca")
+        .arg(env.assets.test_ca())
+        .arg("--confdir")
+        .arg(&env.egress_confdir);
+    cmd
 }
 
 /// An agent running as `nobody` in `ns`.

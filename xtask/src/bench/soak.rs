@@ -32,7 +32,7 @@ use super::{
         hostile::{Attack, Outcome, Plan},
         Job,
     },
-    install::{self, Assets, DOMAIN, ORIGIN_IP, ORIGIN_NAME},
+    install::{self, Assets, ORIGIN_IP, ORIGIN_NAME},
     parse,
     peers::{self, Env},
     report, sys,
@@ -197,18 +197,10 @@ fn soak(env: &Env, ns: &NetNs, shape: &Shape) -> Result<Report> {
     let started = Instant::now();
     let log = env.run_dir.join("egress.log");
     let audit = env.run_dir.join("audit.jsonl");
-    let mut cmd = ns.command_with_hosts(&env.hosts, &env.egress_bin);
-    cmd.args(["--log-format", "json", "--log", "info", "--log-file"])
-        .arg(&log)
-        .args(["run", "--user", "nobody", "--allow"])
-        .arg(format!("*.{DOMAIN}"))
-        .arg("--private-ok")
-        .arg(format!("{ORIGIN_IP}/32"))
-        .arg("--upstream-ca")
-        .arg(env.assets.test_ca())
-        .arg("--confdir")
-        .arg(&env.egress_confdir)
-        .arg("--audit")
+    // Its own audit file, which the soak counts; every worker thread the machine has,
+    // as a deployment would run it.
+    let mut cmd = super::peers::egress_run(env, ns, &log, None);
+    cmd.arg("--audit")
         .arg(&audit)
         .args(["--", "sh", "-c", sys::AGENT_LOOP]);
     let stderr = env.run_dir.join("agent.stderr");
