@@ -697,6 +697,9 @@ fn on_one_cpu<T>(
             }
         }
     }
+    // egress is its own agent, so it is in both lists: pin it once.
+    pids.sort_unstable();
+    pids.dedup();
     let pin = |cpus: &str| -> Result<()> {
         for pid in &pids {
             sys::output(Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]))?;
