@@ -192,16 +192,9 @@ impl Harness {
         headers: &[(&str, &str)],
     ) -> (StatusCode, String) {
         let tcp = self.connect_to(Some(id), dst).await;
-        let mut cfg = (*tls_client_config(&self.egress_ca_pem)).clone();
-        cfg.alpn_protocols = vec![if h2 {
-            b"h2".to_vec()
-        } else {
-            b"http/1.1".to_vec()
-        }];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(sni.to_owned().try_into().unwrap(), tcp)
-            .await
-            .unwrap_or_else(|e| panic!("TLS to the proxy as {sni}: {e}"));
+        let tls = self
+            .tls(tcp, sni, if h2 { b"h2" } else { b"http/1.1" })
+            .await;
         let mut req = Request::get(format!("https://{sni}{path}"));
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -225,6 +218,21 @@ impl Harness {
         let status = resp.status();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// A TLS client, trusting egress's CA, on `tcp` as `sni`, offering one ALPN protocol.
+    async fn tls(
+        &self,
+        tcp: tokio::net::TcpStream,
+        sni: &str,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let mut cfg = (*tls_client_config(&self.egress_ca_pem)).clone();
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(sni.to_owned().try_into().unwrap(), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("TLS to the proxy as {sni}: {e}"))
     }
 
     /// Drains every sandbox's tasks and closes the audit; returns its records.
@@ -819,5 +827,138 @@ async fn a_new_name_shares_an_http2_upstream_connection_its_certificate_covers()
         "{:#?}",
         other.requests()
     );
+    h.finish().await;
+}
+
+/// One HPACK field as sent: its representation and the index of its name (0: a literal name).
+#[derive(Debug, PartialEq)]
+enum Field {
+    Indexed(u64),
+    Incremental(u64),
+    WithoutIndexing(u64),
+    NeverIndexed(u64),
+    SizeUpdate(u64),
+}
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1), from `b[*i]` on.
+fn hpack_int(b: &[u8], i: &mut usize, n: u32) -> u64 {
+    let mask = (1u64 << n) - 1;
+    let mut v = u64::from(b[*i]) & mask;
+    *i += 1;
+    if v == mask {
+        let mut shift = 0;
+        loop {
+            let byte = b[*i];
+            *i += 1;
+            v += u64::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+    }
+    v
+}
+
+/// The fields of one header block, each with its representation (RFC 7541 §6); string
+/// contents are skipped.
+fn hpack_fields(b: &[u8]) -> Vec<Field> {
+    let skip_string = |i: &mut usize| {
+        let len = hpack_int(b, i, 7) as usize;
+        *i += len;
+    };
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < b.len() {
+        let first = b[i];
+        let field = if first & 0x80 != 0 {
+            Field::Indexed(hpack_int(b, &mut i, 7))
+        } else if first & 0xc0 == 0x40 {
+            Field::Incremental(hpack_int(b, &mut i, 6))
+        } else if first & 0xe0 == 0x20 {
+            out.push(Field::SizeUpdate(hpack_int(b, &mut i, 5)));
+            continue;
+        } else if first & 0xf0 == 0x10 {
+            Field::NeverIndexed(hpack_int(b, &mut i, 4))
+        } else {
+            Field::WithoutIndexing(hpack_int(b, &mut i, 4))
+        };
+        if let Field::Incremental(n) | Field::WithoutIndexing(n) | Field::NeverIndexed(n) = field {
+            if n == 0 {
+                skip_string(&mut i);
+            }
+            skip_string(&mut i);
+        }
+        out.push(field);
+    }
+    out
+}
+
+/// Toward an HTTP/2 client the origin's `Date` goes out as a never-indexed literal, so that
+/// its changing values do not pile up in the connection's HPACK table (see
+/// `never_index_date`). Read off the wire: two requests on one connection, raw frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_response_date_is_sent_as_a_never_indexed_literal() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const HEADERS: u8 = 0x1;
+    const SETTINGS: u8 = 0x4;
+    const DATE: u64 = 33; // `date` in HPACK's static table
+    let h = Harness::start().await;
+    let tcp = h.connect(Some(7)).await;
+    let mut tls = h.tls(tcp, "a.test", b"h2").await;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    // GET https://a.test/hello: :method GET and :scheme https from the static table,
+    // :path and :authority as literals that are not indexed.
+    let mut block = vec![0x82, 0x87, 0x04, 6];
+    block.extend(b"/hello");
+    block.extend([0x01, 6]);
+    block.extend(b"a.test");
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    for stream in [1, 3] {
+        // END_STREAM | END_HEADERS
+        out.extend(frame(HEADERS, 0x5, stream, &block));
+    }
+    tls.write_all(&out).await.unwrap();
+
+    let mut blocks = Vec::new();
+    let read = async {
+        while blocks.len() < 2 {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await.unwrap();
+            match head[3] {
+                HEADERS => {
+                    assert_eq!(head[4] & 0x4, 0x4, "one HEADERS frame, no CONTINUATION");
+                    assert_eq!(head[4] & 0x28, 0, "no padding or priority");
+                    blocks.push(payload);
+                }
+                SETTINGS if head[4] & 0x1 == 0 => {
+                    tls.write_all(&frame(SETTINGS, 0x1, 0, &[])).await.unwrap();
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("two responses within 10 s");
+    for (n, block) in blocks.iter().enumerate() {
+        let fields = hpack_fields(block);
+        assert_eq!(fields[0], Field::Indexed(8), "response {n}: :status 200");
+        assert!(
+            fields.contains(&Field::NeverIndexed(DATE)),
+            "response {n}: date is not a never-indexed literal: {fields:?}"
+        );
+    }
+    drop(tls);
     h.finish().await;
 }

