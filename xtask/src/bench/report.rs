@@ -678,6 +678,25 @@ impl Report {
                 None,
             ));
         }
+        // HTTP/2 against HTTP/1.1 through the same peer. The direct column is what the two
+        // clients and the origin alone make of the difference.
+        let h2_over_h1 = |p: &PeerResults| {
+            ratio_to(
+                p.ka_h2.as_ref().map(Rate::per_sec),
+                p.ka_h1.as_ref().map(Rate::per_sec),
+            )
+        };
+        rows.push(self.row(
+            "2. Keep-alive HTTP/2 req/s ÷ HTTP/1.1 req/s, each column its own",
+            "ka_h2",
+            |p, _| h2_over_h1(p).map(|r| format!("{}×", ratio(r))),
+            "egress ≥0.9×",
+            Some(at_least(
+                self.get(EGRESS, h2_over_h1),
+                0.9,
+                "HTTP/2 ÷ HTTP/1.1",
+            )),
+        ));
 
         // 3. Latency.
         type Pick = fn(&PeerResults) -> Option<&Latency>;
@@ -1244,12 +1263,14 @@ mod tests {
         };
         let d = PeerResults {
             ka_h1: Some(rate(100_000, 10.0, None)),
+            ka_h2: Some(rate(95_000, 10.0, None)),
             new_conns: Some(rate(20_000, 10.0, None)),
             lat_ka: Some(lat(200.0, 400.0)),
             ..Default::default()
         };
         let e = PeerResults {
             ka_h1: Some(rate(60_000, 10.0, Some(6.0))),
+            ka_h2: Some(rate(51_000, 10.0, Some(6.0))),
             new_conns: Some(rate(6_000, 10.0, Some(3.0))),
             lat_ka: Some(lat(260.0, 1000.0)),
             idle: Some(Idle {
@@ -1300,6 +1321,19 @@ mod tests {
             .find(|x| x.metric.contains("HTTP/2 req/s"))
             .expect("h2 row");
         assert_eq!(h2.cells[2], "n/a (no HTTP/2)");
+        let parity = rows
+            .iter()
+            .find(|x| x.metric.contains("÷ HTTP/1.1"))
+            .expect("parity row");
+        assert_eq!(parity.cells[0], "0.95×");
+        assert_eq!(parity.cells[1], "0.85×");
+        assert_eq!(parity.cells[2], "n/a (no HTTP/2)");
+        assert_eq!(
+            parity.verdict,
+            Some(Verdict::Missed(
+                "HTTP/2 ÷ HTTP/1.1 0.85 (short by 6%)".into()
+            ))
+        );
         let nc = rows
             .iter()
             .find(|x| x.metric.starts_with("1. New"))
