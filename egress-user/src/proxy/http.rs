@@ -433,9 +433,10 @@ async fn forward(
 /// encoder chains every value a header name has in the dynamic table and walks that chain,
 /// oldest first, comparing values before each response. `Date` gets a new value every
 /// second, so on a long-lived connection the chain grows by one stale date a second until
-/// the table is full of them. Measured over one 80 s HTTP/2 load at a fixed 12,800 req/s,
-/// this took egress from 23.5 to 24-25 µs of CPU per request; never indexed, it stays at
-/// 19-22. The cost is the literal's bytes (some 22, Huffman-coded) in every response.
+/// the table is full of them. Over one 80 s HTTP/2 load at a fixed 12,800 req/s (two runs
+/// each), egress took 22.7-25.3 µs of CPU per request in each 10 s interval, the later ones
+/// highest; never indexed, 18.6-23.6, mostly under 22. The cost is the literal's bytes (some
+/// 22, Huffman-coded) in every response.
 fn never_index_date(headers: &mut http::HeaderMap) {
     if let Some(date) = headers.get_mut(http::header::DATE) {
         date.set_sensitive(true);
