@@ -830,13 +830,17 @@ async fn a_new_name_shares_an_http2_upstream_connection_its_certificate_covers()
     h.finish().await;
 }
 
-/// One HPACK field as sent: its representation and the index of its name (0: a literal name).
+/// One HPACK representation as sent (RFC 7541 §6).
 #[derive(Debug, PartialEq)]
 enum Field {
+    /// A whole field from the tables, by its index.
     Indexed(u64),
+    /// A literal added to the dynamic table; each literal names its field's name by table
+    /// index, 0 for a literal name.
     Incremental(u64),
     WithoutIndexing(u64),
     NeverIndexed(u64),
+    /// A dynamic table size update, with the new size.
     SizeUpdate(u64),
 }
 
