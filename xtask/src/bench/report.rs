@@ -459,7 +459,6 @@ pub fn at_most_abs(value: Option<f64>, max: f64, unit: &str) -> Verdict {
     }
 }
 
-/// Combines verdicts: met only if all are met.
 /// Below this, an extra CPU cost per new host (seconds) is noise, not a measurement: the
 /// difference of two CPU readings in clock ticks can come out at zero, or a rounding error
 /// above it (Squid once showed 0.000 µs, "→ 576,460,752,303,423,488 hosts/s").
@@ -477,6 +476,7 @@ fn mint_verdict(extra_cpu_s: Option<f64>) -> Verdict {
     }
 }
 
+/// Combines verdicts: met only if all are met.
 pub fn all(vs: Vec<Verdict>) -> Verdict {
     let text = vs
         .iter()
@@ -1297,10 +1297,13 @@ mod tests {
     fn rows_compute_cells_and_verdicts() {
         let r = sample();
         let rows = r.rows();
-        let ka = rows
-            .iter()
-            .find(|x| x.metric.starts_with("2. Keep-alive HTTP/1.1"))
-            .expect("row");
+        let row = |metric: &str| -> Row {
+            rows.iter()
+                .find(|x| x.metric.contains(metric))
+                .unwrap_or_else(|| panic!("no row {metric}"))
+                .clone()
+        };
+        let ka = row("2. Keep-alive HTTP/1.1");
         assert_eq!(ka.cells[0], "10,000 (1.00×)");
         assert_eq!(ka.cells[1], "6,000 (0.60×)");
         assert_eq!(ka.cells[2], "100 (0.010×)");
@@ -1311,20 +1314,11 @@ mod tests {
             "{:?}",
             ka.verdict
         );
-        let cpu = rows
-            .iter()
-            .find(|x| x.metric.starts_with("2. HTTP/1.1 — proxy CPU"))
-            .expect("cpu row");
+        let cpu = row("2. HTTP/1.1 — proxy CPU");
         assert_eq!(cpu.cells[1], "100 (25% sys)");
-        let h2 = rows
-            .iter()
-            .find(|x| x.metric.contains("HTTP/2 req/s"))
-            .expect("h2 row");
+        let h2 = row("HTTP/2 req/s");
         assert_eq!(h2.cells[2], "n/a (no HTTP/2)");
-        let parity = rows
-            .iter()
-            .find(|x| x.metric.contains("÷ HTTP/1.1"))
-            .expect("parity row");
+        let parity = row("÷ HTTP/1.1");
         assert_eq!(parity.cells[0], "0.95×");
         assert_eq!(parity.cells[1], "0.85×");
         assert_eq!(parity.cells[2], "n/a (no HTTP/2)");
@@ -1334,30 +1328,21 @@ mod tests {
                 "HTTP/2 ÷ HTTP/1.1 0.85 (short by 6%)".into()
             ))
         );
-        let nc = rows
-            .iter()
-            .find(|x| x.metric.starts_with("1. New"))
-            .expect("nc row");
+        let nc = row("1. New");
         // 0.3× direct misses 0.4×; Squid unmeasured.
         assert!(
             matches!(nc.verdict, Some(Verdict::Missed(_))),
             "{:?}",
             nc.verdict
         );
-        let p99 = rows
-            .iter()
-            .find(|x| x.metric.contains("p99, keep-alive"))
-            .expect("p99 row");
+        let p99 = row("p99, keep-alive");
         assert_eq!(p99.cells[0], "0.400");
         assert_eq!(p99.cells[1], "1.000 (+0.600)");
         assert_eq!(
             p99.verdict,
             Some(Verdict::Missed("added +0.600 ms (0.100 ms over)".into()))
         );
-        let idle = rows
-            .iter()
-            .find(|x| x.metric.contains("per idle"))
-            .expect("idle row");
+        let idle = row("per idle");
         assert_eq!(idle.cells[1], "40.0 (n=1,000)");
         assert!(matches!(idle.verdict, Some(Verdict::Met(_))));
     }

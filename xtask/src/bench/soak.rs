@@ -199,7 +199,7 @@ fn soak(env: &Env, ns: &NetNs, shape: &Shape) -> Result<Report> {
     let audit = env.run_dir.join("audit.jsonl");
     // Its own audit file, which the soak counts; every worker thread the machine has,
     // as a deployment would run it.
-    let mut cmd = super::peers::egress_run(env, ns, &log, None);
+    let mut cmd = peers::egress_run(env, ns, &log, None);
     cmd.arg("--audit")
         .arg(&audit)
         .args(["--", "sh", "-c", sys::AGENT_LOOP]);
